@@ -1,0 +1,208 @@
+"""Typed, frozen configuration of the streaming MoD model (one dataclass per part)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onsight.runtime.errors import CheckpointError
+
+CONFIG_FORMAT_VERSION = 1
+
+# VideoLLM-online's default system prompt (its training arguments' default).
+DEFAULT_SYSTEM_PROMPT = (
+    "A multimodal AI assistant is helping users with some activities. Below is their "
+    "conversation, interleaved with the list of video frames received by the assistant."
+)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a camera frame becomes the tower's input; the runtime mirrors resize+pad in OpenCV."""
+
+    image_size: int = 384  # long side is resized to this, then padded to a square
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel, after x / 255
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel, after x / 255
+    pad_value: int = 0  # black padding, as VideoLLM-online
+    interpolation: str = "bicubic"  # OpenCV resize interpolation used by the runtime
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower and how its output is pooled into frame tokens."""
+
+    kind: str = "siglip"  # "siglip" | "clip" | "tiny" (onsight's own small CNN)
+    hidden_size: int = 1024  # width of the tower's output tokens
+    grid: int = 3  # patch tokens are adaptive-average-pooled to grid x grid
+    use_pooled: bool = True  # prepend the pooled / CLS token
+    hf_config: dict[str, Any] | None = None  # transformers vision config (siglip / clip)
+    tiny_channels: tuple[int, ...] = (32, 64, 128)  # conv widths of the tiny tower
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return int(self.use_pooled) + self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class ModConfig:
+    """Mixture-of-Depths routing of vision tokens (VideoLLM-MoD's LayerExperts)."""
+
+    keep_ratio: float = 1.0  # share of each frame's vision tokens a routed layer processes
+    layers: tuple[int, ...] = ()  # indices of routed decoder layers
+    router: str = "novelty"  # "learned" | "novelty" | "norm"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.router not in ("learned", "novelty", "norm"):
+            raise ValueError(
+                f"unknown router {self.router!r}: use learned, novelty or norm"
+            )
+
+    def k(self, tokens_per_frame: int) -> int:
+        """Vision tokens per frame that a routed layer keeps: ceil(r * N)."""
+        return max(1, math.ceil(self.keep_ratio * tokens_per_frame - 1e-9))
+
+
+def interleaved_layers(num_layers: int) -> tuple[int, ...]:
+    """VideoLLM-MoD's best setting: every other layer, starting with the second."""
+    return tuple(range(1, num_layers, 2))
+
+
+def parse_mod_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """`interleaved` | `all` | `none` | a comma list such as `1,3,5`."""
+    spec = spec.strip().lower()
+    if spec == "interleaved":
+        return interleaved_layers(num_layers)
+    if spec == "all":
+        return tuple(range(num_layers))
+    if spec in ("none", ""):
+        return ()
+    try:
+        layers = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
+    except ValueError as e:
+        raise ValueError(
+            f"--mod-layers {spec!r}: use interleaved, all, none or a list like 1,3,5"
+        ) from e
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"--mod-layers: layers {bad} do not exist (model has {num_layers})")
+    return layers
+
+
+def parse_tokens_per_frame(spec: str) -> tuple[bool, int]:
+    """`1+3x3` -> (use_pooled=True, grid=3); `4x4` -> (False, 4)."""
+    s = spec.replace(" ", "").lower()
+    use_pooled = False
+    if s.startswith("1+"):
+        use_pooled, s = True, s[2:]
+    parts = s.split("x")
+    if len(parts) != 2 or parts[0] != parts[1] or not parts[0].isdigit() or int(parts[0]) < 1:
+        raise ValueError(f"tokens per frame {spec!r}: use the form 1+3x3 or 1+5x5 (square grid)")
+    return use_pooled, int(parts[0])
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """VideoLLM-online's streaming template and speak-or-stay-silent rule."""
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    bos: str = "<|begin_of_text|>"  # prepended to the system prompt ("" if the LLM has none)
+    eos: str = "<|eot_id|>"  # ends every assistant turn
+    v_token: str = "<v>"  # frame placeholder (id outside the embedding matrix)
+    interval_token: str = ","  # fed between frames when the model stays silent
+    stream_open: str = "\n["  # opens a run of frames
+    stream_close: str = "]"  # closes it before an assistant or user turn
+    user_prefix: str = "\nUser: "
+    assistant_prefix: str = "\nAssistant:"
+    threshold: float = 0.725  # p(interval) below this is zeroed before the argmax
+    max_new_tokens: int = 100  # cap on one narration or answer
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the streaming model; saved as onsight's config.json."""
+
+    decoder: dict[str, Any]  # transformers config dict of the causal LM (has "architectures")
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    projector_hidden: int = 0  # middle width of the projector; 0 means the LLM's hidden size
+    mod: ModConfig = field(default_factory=ModConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    has_layer_experts: bool = False  # LayerExpert weights exist (trained routers)
+    format_version: int = CONFIG_FORMAT_VERSION
+
+    @property
+    def architecture(self) -> str:
+        archs = self.decoder.get("architectures") or []
+        return archs[0] if archs else ""
+
+    @property
+    def llm_hidden(self) -> int:
+        return int(self.decoder["hidden_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.decoder["num_hidden_layers"])
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.vision.tokens_per_frame
+
+    @property
+    def k(self) -> int:
+        return self.mod.k(self.tokens_per_frame)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        version = d.get("format_version")
+        if version != CONFIG_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source}: format_version {version!r} is not supported (this onsight reads "
+                f"{CONFIG_FORMAT_VERSION}); re-save the checkpoint with this version of onsight"
+            )
+        try:
+            vision = dict(d["vision"])
+            vision["tiny_channels"] = tuple(vision.get("tiny_channels", (32, 64, 128)))
+            pre = dict(d["preprocess"])
+            pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
+            mod = dict(d["mod"])
+            mod["layers"] = tuple(mod["layers"])
+            return cls(
+                decoder=dict(d["decoder"]),
+                vision=VisionConfig(**vision),
+                preprocess=PreprocessConfig(**pre),
+                projector_hidden=int(d.get("projector_hidden", 0)),
+                mod=ModConfig(**mod),
+                template=TemplateConfig(**d["template"]),
+                has_layer_experts=bool(d.get("has_layer_experts", False)),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{source}: malformed onsight config ({type(e).__name__}: {e}); "
+                "re-save it with `onsight` or fix the named key"
+            ) from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path}: missing; an onsight checkpoint needs config.json") from e
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
