@@ -123,8 +123,8 @@ class ModDecoder(nn.Module):
         """x: (heads, T, head_dim); positions: (T,) int64."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
+        cos = (emb.cos() * self.attention_scaling).to(x.dtype)
+        sin = (emb.sin() * self.attention_scaling).to(x.dtype)
         return x * cos + rotate_half(x) * sin
 
     def attention(

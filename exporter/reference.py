@@ -12,60 +12,33 @@ import numpy as np
 import torch
 
 from onsight.exporter.model import StreamingModel
-from onsight.runtime.kv_policy import (
-    FRAME,
-    EvictionPolicy,
-    TokenTable,
-    mod_capacity,
-    rope_rotate,
-    slot_plan,
-)
+from onsight.runtime.kv_cache import KVLayout
+from onsight.runtime.kv_policy import EvictionPolicy, mod_capacity
+from onsight.runtime.stepper import CachedStepper
 from onsight.runtime.stream_loop import Sampler, StreamLoop
 from onsight.runtime.template import build_template_ids
 
 
-class TorchKVCache:
-    """Preallocated per-layer K/V (Hkv, capacity, D) with an integer length and in-place writes.
-
-    Each slot also records its token's position, so eviction can re-base it.
-    """
-
-    def __init__(self, capacities: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype):
-        self.capacities = capacities
-        self.k = [torch.zeros(kv_heads, c, head_dim, dtype=dtype) for c in capacities]
-        self.v = [torch.zeros(kv_heads, c, head_dim, dtype=dtype) for c in capacities]
-        self.positions = [np.zeros(c, np.int64) for c in capacities]
-        self.lengths = [0] * len(capacities)
-
-    def mask(self, i: int) -> torch.Tensor:
-        return torch.arange(self.capacities[i]) < self.lengths[i]  # (capacity,) bool
-
-    def past(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
-        return list(zip(self.k, self.v, strict=True)), [self.mask(i) for i in range(len(self.k))]
-
-    def write(self, i: int, k: torch.Tensor, v: torch.Tensor, positions: np.ndarray) -> None:
-        n, t = self.lengths[i], k.shape[1]
-        assert n + t <= self.capacities[i], "caller must evict before writing"
-        self.k[i][:, n : n + t] = k
-        self.v[i][:, n : n + t] = v
-        self.positions[i][n : n + t] = positions
-        self.lengths[i] = n + t
-
-    def rebase(self, plan, inv_freq: np.ndarray) -> None:
-        """Keep the planned tokens, compact them to the front, rotate keys to new positions."""
-        for i in range(len(self.k)):
-            kept, delta = slot_plan(self.positions[i][: self.lengths[i]], plan)
-            n = len(kept)
-            idx = torch.from_numpy(kept)
-            keys = self.k[i][:, idx].numpy()
-            self.k[i][:, :n] = torch.from_numpy(rope_rotate(keys, delta, inv_freq))
-            self.v[i][:, :n] = self.v[i][:, idx].clone()
-            self.positions[i][:n] = self.positions[i][kept] + delta
-            self.lengths[i] = n
+def layout_for(model: StreamingModel, capacity: int, text_reserve: int) -> KVLayout:
+    """The KV layout the exporter writes into a bundle for this model and capacity."""
+    dec = model.decoder
+    N, k = model.cfg.tokens_per_frame, dec.k
+    routed = tuple(i for i in dec.routed if k < N)
+    return KVLayout(
+        num_layers=len(dec.layers),
+        kv_heads=dec.num_kv_heads,
+        head_dim=dec.head_dim,
+        capacity_dense=capacity,
+        capacity_mod=mod_capacity(capacity, N, k, text_reserve) if routed else capacity,
+        routed=routed,
+        tokens_per_frame=N,
+        k=min(k, N),
+        dtype=str(dec.embed.weight.dtype).removeprefix("torch."),
+    )
 
 
-class TorchStepper:
-    """Runs the reference model's steps and maintains its cache (a `Stepper`)."""
+class TorchStepper(CachedStepper):
+    """Runs the reference model's steps over the shared static KV cache (zero-copy views)."""
 
     def __init__(
         self,
@@ -74,69 +47,44 @@ class TorchStepper:
         policy: EvictionPolicy | None = None,
         text_reserve: int = 0,
     ):
-        dec = model.decoder
-        self.dec = dec
-        self.N = model.cfg.tokens_per_frame
-        self.k = dec.k
-        self.routed = {i for i in dec.routed if dec.k < self.N}
-        self.cap_dense = capacity
-        self.policy = policy or EvictionPolicy()
-        self.cap_mod = mod_capacity(capacity, self.N, self.k, text_reserve)
-        caps = [self.cap_mod if i in self.routed else capacity for i in range(len(dec.layers))]
-        self.cache = TorchKVCache(caps, dec.num_kv_heads, dec.head_dim, dec.embed.weight.dtype)
-        self.table = TokenTable(self.k if self.routed else self.N)
-        self.inv_freq = dec.inv_freq.numpy()
-        self.evictions = 0
+        self.dec = model.decoder
+        super().__init__(
+            layout_for(model, capacity, text_reserve),
+            self.dec.inv_freq.numpy(),
+            tuple(self.dec.routed),
+            policy,
+        )
 
-    def _ensure(self, new_dense: int, new_mod: int) -> None:
+    def _past(self):
         c = self.cache
-        full = any(
-            c.lengths[i] + (new_mod if i in self.routed else new_dense) > c.capacities[i]
-            for i in range(len(c.k))
-        )
-        if not full:
-            return
-        plan = self.table.plan(self.policy, self.cap_dense, self.cap_mod, bool(self.routed))
-        self.table.apply(plan)
-        c.rebase(plan, self.inv_freq)
-        self.evictions += 1
+        past = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(c.k, c.v, strict=True)]
+        return past, [torch.from_numpy(m) for m in c.masks]
 
     @torch.no_grad()
-    def text(self, ids: list[int], kind: int, group: int) -> np.ndarray:
-        self._ensure(len(ids), len(ids))
-        pos = self.table.append(len(ids), kind, group)
-        past, masks = self.cache.past()
+    def run_text(self, ids: np.ndarray, positions: np.ndarray):
+        past, masks = self._past()
         logits, nk, nv = self.dec.text_step(
-            torch.tensor(ids, dtype=torch.int64), torch.from_numpy(pos), past, masks
+            torch.from_numpy(ids), torch.from_numpy(positions), past, masks
         )
-        for i, (k, v) in enumerate(zip(nk, nv, strict=True)):
-            self.cache.write(i, k, v, pos)
-        return logits.float().numpy()
+        return logits.float().numpy(), [k.numpy() for k in nk], [v.numpy() for v in nv]
 
     @torch.no_grad()
-    def frame(self, ids: list[int], embeds: np.ndarray, group: int) -> np.ndarray:
-        t, n = len(ids), embeds.shape[0]
-        self._ensure(t + n, t + self.k)
-        pos_text = self.table.append(t, FRAME, group)
-        pos_vis = self.table.append(n, FRAME, group, vision=True)
-        positions = np.concatenate([pos_text, pos_vis])
-        past, masks = self.cache.past()
-        embeds_t = torch.from_numpy(np.ascontiguousarray(embeds))
-        prev = getattr(self, "_prev", None)
-        prev_t = torch.zeros_like(embeds_t) if prev is None else prev
+    def run_frame(self, ids, embeds, prev, positions):
+        past, masks = self._past()
         logits, nk, nv, kept = self.dec.frame_step(
-            torch.tensor(ids, dtype=torch.int64), embeds_t, prev_t, torch.from_numpy(positions), past, masks
+            torch.from_numpy(ids),
+            torch.from_numpy(np.ascontiguousarray(embeds)),
+            torch.from_numpy(np.ascontiguousarray(prev)),
+            torch.from_numpy(positions),
+            past,
+            masks,
         )
-        self._prev = embeds_t
-        kept_iter = iter(kept)
-        for i, (k, v) in enumerate(zip(nk, nv, strict=True)):
-            if i in self.dec.routed:
-                idx = next(kept_iter).numpy()
-                if i in self.routed:
-                    self.cache.write(i, k, v, np.concatenate([pos_text, pos_vis[idx]]))
-                    continue
-            self.cache.write(i, k, v, positions)
-        return logits.float().numpy()
+        return (
+            logits.float().numpy(),
+            [k.numpy() for k in nk],
+            [v.numpy() for v in nv],
+            [x.numpy() for x in kept],
+        )
 
 
 def reference_loop(

@@ -34,7 +34,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+        x = frames.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0  # (B, 3, H, W)
         return (x - self.mean) / self.std
 
 

@@ -1,0 +1,283 @@
+"""`onsight export`: model -> bundle directory (graphs, tokenizer, bundle.json), atomically.
+
+The bundle is assembled in a hidden temporary sibling directory, parity-checked there with
+the runtime's own onnxruntime engine against the PyTorch reference, and only then renamed
+into place: an interrupted or failed export never leaves a directory that looks valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onsight.exporter.config import ModConfig, ModelConfig, parse_mod_layers, parse_tokens_per_frame
+from onsight.exporter.model import StreamingModel
+from onsight.exporter.onnx_export import export_graphs
+from onsight.exporter.parity import run_parity
+from onsight.exporter.reference import layout_for
+from onsight.exporter.vision import FrameEncoder
+from onsight.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, sha256_file
+from onsight.runtime.errors import ExportError
+from onsight.runtime.kv_policy import EvictionPolicy
+from onsight.runtime.template import build_template_ids
+
+log = logging.getLogger(__name__)
+
+EXPORTER_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Flags of `onsight export`; None keeps the checkpoint's own setting."""
+
+    keep_ratio: float | None = None  # MoD keep ratio r in (0, 1]
+    mod_layers: str | None = None  # interleaved | all | none | 1,3,5
+    router: str | None = None  # learned | novelty | norm
+    tokens_per_frame: str | None = None  # e.g. 1+3x3
+    kv_capacity: int = 4096  # tokens per dense layer; routed layers get their share
+    dtype: str = "fp32"  # fp32 | fp16
+    fps: float = 2.0  # default sampling rate the runtime uses
+    parity_frames: int = 8  # frames in the parity stream
+    keep_text_tokens: int = 256  # narration kept across evictions
+    name: str | None = None  # bundle name; defaults to the directory name
+
+
+Progress = Callable[[str], None]
+
+
+def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
+    """The same weights with the export's MoD and frame-token settings."""
+    cfg = model.cfg
+    if opts.keep_ratio is not None and not 0.0 < opts.keep_ratio <= 1.0:
+        raise ExportError(f"--keep-ratio {opts.keep_ratio}: must be in (0, 1], e.g. 0.2")
+    try:
+        layers = cfg.mod.layers
+        if opts.mod_layers is not None:
+            layers = parse_mod_layers(opts.mod_layers, cfg.num_layers)
+        elif not layers and (opts.keep_ratio or 1.0) < 1.0:
+            layers = parse_mod_layers("interleaved", cfg.num_layers)
+        router = opts.router or (cfg.mod.router if cfg.has_layer_experts or cfg.mod.router != "learned" else "novelty")
+        if router == "learned" and not cfg.has_layer_experts:
+            raise ExportError(
+                "--router learned needs LayerExpert weights, which this checkpoint lacks; "
+                "use --router novelty or --router norm (training-free)"
+            )
+        if router == "learned":
+            missing = [i for i in layers if str(i) not in model.decoder.experts]
+            if missing:
+                raise ExportError(
+                    f"--router learned: no LayerExpert for layers {missing}; route only the "
+                    f"layers that have one ({sorted(int(x) for x in model.decoder.experts)})"
+                )
+        mod = ModConfig(
+            keep_ratio=opts.keep_ratio if opts.keep_ratio is not None else cfg.mod.keep_ratio,
+            layers=layers,
+            router=router,
+        )
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    new_cfg = cfg.replace(mod=mod)
+    if opts.tokens_per_frame:
+        try:
+            use_pooled, grid = parse_tokens_per_frame(opts.tokens_per_frame)
+        except ValueError as e:
+            raise ExportError(f"--tokens-per-frame: {e}") from e
+        new_cfg = new_cfg.replace(vision=dataclasses.replace(cfg.vision, grid=grid, use_pooled=use_pooled))
+    out = model.with_config(new_cfg)
+    if new_cfg.vision != cfg.vision:
+        try:
+            enc = FrameEncoder(new_cfg)
+        except Exception as e:
+            raise ExportError(f"--tokens-per-frame {opts.tokens_per_frame}: {e}") from e
+        enc.load_state_dict(model.encoder.state_dict(), strict=False)
+        out.encoder = enc.eval()
+    return out
+
+
+def _manifest(
+    model: StreamingModel, tokenizer_json: Path, layout, graphs: dict, opts: ExportOptions, name: str
+) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    cfg = model.cfg
+    dec = model.decoder
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tpl = dataclasses.asdict(cfg.template)
+    ids = build_template_ids(tok, tpl)
+    v_id = tok.token_to_id(cfg.template.v_token)
+    lm_cfg = dec.lm.config
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "name": name,
+        "exporter_version": EXPORTER_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "graphs": graphs,
+        "model": {
+            "architecture": cfg.architecture,
+            "hidden_size": cfg.llm_hidden,
+            "num_layers": layout.num_layers,
+            "num_heads": dec.num_heads,
+            "num_kv_heads": dec.num_kv_heads,
+            "head_dim": dec.head_dim,
+            "vocab_size": int(lm_cfg.vocab_size),
+            "intermediate_size": int(getattr(lm_cfg, "intermediate_size", 0)),
+            "max_position_embeddings": int(getattr(lm_cfg, "max_position_embeddings", 0)),
+            "rope_inv_freq": [float(x) for x in dec.inv_freq.tolist()],
+            "dtype": layout.dtype,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "vision": {
+            "kind": cfg.vision.kind,
+            "tokens_per_frame": cfg.tokens_per_frame,
+            "grid": cfg.vision.grid,
+            "use_pooled": cfg.vision.use_pooled,
+            "hidden_size": cfg.vision.hidden_size,
+        },
+        "preprocess": dataclasses.asdict(cfg.preprocess),
+        "mod": {
+            "keep_ratio": cfg.mod.keep_ratio,
+            "k": layout.k,
+            "router": cfg.mod.router,
+            "routed_layers": list(dec.routed),
+        },
+        "kv": {
+            "layout": "per layer: key and value (kv_heads, capacity, head_dim); keys after RoPE",
+            "dtype": layout.dtype,
+            "capacity_dense": layout.capacity_dense,
+            "capacity_mod": layout.capacity_mod,
+            "routed_layers": list(layout.routed),
+            "layers": [
+                {"index": i, "group": "mod" if i in layout.routed else "dense", "capacity": layout.capacity(i)}
+                for i in range(layout.num_layers)
+            ],
+            "bytes_per_frame_dense": layout.bytes_per_frame(mod=False),
+            "bytes_per_frame_mod": layout.bytes_per_frame(mod=True),
+            "total_bytes": layout.total_bytes(),
+        },
+        "io": {
+            "past_key": "past_key_{layer}",
+            "past_value": "past_value_{layer}",
+            "new_key": "new_key_{layer}",
+            "new_value": "new_value_{layer}",
+            "kept": "kept_{layer}",
+            "masks": {"dense": "dense_mask", "mod": "mod_mask"},
+        },
+        "template": tpl,
+        "token_ids": {
+            "interval": ids.interval_id,
+            "eos": ids.eos_id,
+            "v": v_id,
+            "sink_length": len(ids.sink),
+        },
+        "generation": {
+            "threshold": cfg.template.threshold,
+            "max_new_tokens": cfg.template.max_new_tokens,
+            "temperature": 0.0,
+            "fps": opts.fps,
+        },
+        "eviction": {"free_fraction": 0.25, "keep_text_tokens": opts.keep_text_tokens},
+        "files": {},
+        "parity": None,
+        "tensorrt": None,
+    }
+
+
+def write_manifest(d: Path, manifest: dict[str, Any]) -> None:
+    """bundle.json with fresh checksums of every other file, written atomically."""
+    manifest["files"] = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != "bundle.json" and not p.name.startswith(".")
+    }
+    tmp = d / ".bundle.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, d / "bundle.json")
+
+
+def export_bundle(
+    model: StreamingModel,
+    tokenizer_json: str | Path,
+    out: str | Path,
+    opts: ExportOptions = ExportOptions(),
+    progress: Progress | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Export, parity-check and atomically publish a bundle. Returns (path, manifest)."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"output directory {out} already exists; choose another --out or delete it")
+    if opts.dtype not in ("fp32", "fp16"):
+        raise ExportError(f"--dtype {opts.dtype!r}: use fp32 or fp16")
+    model = apply_options(model, opts)
+    dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
+    max_pos = int(getattr(model.decoder.lm.config, "max_position_embeddings", 0) or 0)
+    if max_pos and opts.kv_capacity > max_pos:
+        raise ExportError(
+            f"--kv-capacity {opts.kv_capacity} exceeds the model's trained positions ({max_pos}); "
+            f"positions are re-based inside the cache, so use at most {max_pos}"
+        )
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    sink_len = len(build_template_ids(tok, dataclasses.asdict(model.cfg.template)).sink)
+    need = sink_len + 2 * (model.cfg.tokens_per_frame + 1) + model.cfg.template.max_new_tokens
+    if opts.kv_capacity < need:
+        raise ExportError(
+            f"--kv-capacity {opts.kv_capacity} is too small: the system prompt ({sink_len} tokens), "
+            f"two frames and one narration need {need}; use at least {need}"
+        )
+    reserve = sink_len + opts.keep_text_tokens
+    layout = layout_for(model, opts.kv_capacity, reserve)
+    if dtype == torch.float16:
+        layout = dataclasses.replace(layout, dtype="float16")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        t0 = time.perf_counter()
+        say(f"[1/4] exporting graphs (keep ratio {model.cfg.mod.keep_ratio}, k={layout.k} of "
+            f"{layout.tokens_per_frame}, routed layers {list(layout.routed)}, {opts.dtype})")
+        export_model = model if dtype == torch.float32 else _copy_to(model, dtype)
+        graphs = export_graphs(export_model, layout, tmp, dtype)
+        say(f"      graphs written in {time.perf_counter() - t0:.1f} s")
+        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        manifest = _manifest(model, Path(tokenizer_json), layout, graphs, opts, opts.name or out.name)
+        write_manifest(tmp, manifest)
+        say(f"[2/4] parity: onnxruntime vs PyTorch on a {opts.parity_frames}-frame stream")
+        parity = run_parity(model, tmp, opts.dtype, frames=opts.parity_frames,
+                            policy=EvictionPolicy(keep_text_tokens=opts.keep_text_tokens))
+        manifest["parity"] = parity
+        if not parity["passed"]:
+            raise ExportError(
+                f"parity failed (max logit error {parity['max_abs_logit_error']:.2e} > tolerance "
+                f"{parity['tolerance']:.1e}, decisions equal: {parity['same_decisions']}, tokens "
+                f"equal: {parity['same_tokens']}); the bundle was not written. Please report this."
+            )
+        say(f"      max |logit error| {parity['max_abs_logit_error']:.2e} (tolerance "
+            f"{parity['tolerance']:.0e}), {parity['steps']} steps, decisions and tokens equal")
+        say("[3/4] writing bundle.json with checksums")
+        write_manifest(tmp, manifest)
+        say(f"[4/4] publishing {out}")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, manifest
+
+
+def _copy_to(model: StreamingModel, dtype: torch.dtype) -> StreamingModel:
+    import copy
+
+    return copy.deepcopy(model).to(dtype)

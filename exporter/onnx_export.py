@@ -1,0 +1,146 @@
+"""Export the three graphs of a bundle: vision, text step, frame step (MoD with static k).
+
+Graph IO (batch 1, no batch dimension in the decoder graphs):
+- vision:     frames uint8 (B, S, S, 3) -> frame_embeds (B, N, hidden)
+- text_step:  input_ids (T,), position_ids (T,), dense_mask (Cd,), mod_mask (Cm,),
+              past_key_i / past_value_i (Hkv, C_i, D) -> logits (vocab,), new_key_i / new_value_i (Hkv, T, D)
+- frame_step: input_ids (Tt,), frame_embeds (N, hidden), prev_frame_embeds (N, hidden),
+              position_ids (Tt+N,), masks, past -> logits, new_key_i / new_value_i
+              ((Hkv, Tt+N, D) dense, (Hkv, Tt+k, D) routed), kept_i (k,) for routed layers
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onsight.exporter.model import StreamingModel
+from onsight.runtime.kv_cache import KVLayout
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model: StreamingModel):
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encoder(frames)
+
+
+class _StepBase(nn.Module):
+    def __init__(self, model: StreamingModel, layout: KVLayout):
+        super().__init__()
+        self.dec = model.decoder
+        self.layout = layout
+
+    def _past(self, dense_mask, mod_mask, flat):
+        past = [(flat[2 * i], flat[2 * i + 1]) for i in range(self.layout.num_layers)]
+        masks = [mod_mask if i in self.layout.routed else dense_mask for i in range(self.layout.num_layers)]
+        return past, masks
+
+
+class TextStepGraph(_StepBase):
+    def forward(self, input_ids, position_ids, dense_mask, mod_mask, *flat_past):
+        past, masks = self._past(dense_mask, mod_mask, flat_past)
+        logits, nk, nv = self.dec.text_step(input_ids, position_ids, past, masks)
+        return (logits, *[t for kv in zip(nk, nv, strict=True) for t in kv])
+
+
+class FrameStepGraph(_StepBase):
+    def forward(self, input_ids, frame_embeds, prev_frame_embeds, position_ids, dense_mask, mod_mask, *flat_past):
+        past, masks = self._past(dense_mask, mod_mask, flat_past)
+        logits, nk, nv, kept = self.dec.frame_step(
+            input_ids, frame_embeds, prev_frame_embeds, position_ids, past, masks
+        )
+        return (logits, *[t for kv in zip(nk, nv, strict=True) for t in kv], *kept)
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [n for i in range(num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
+
+
+def new_names(num_layers: int) -> list[str]:
+    return [n for i in range(num_layers) for n in (f"new_key_{i}", f"new_value_{i}")]
+
+
+def _example_past(layout: KVLayout, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [
+        torch.zeros(layout.kv_heads, layout.capacity(i), layout.head_dim, dtype=dtype)
+        for i in range(layout.num_layers)
+        for _ in range(2)
+    ]
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+    """TorchScript-based exporter: fast, single file (no external data below 2 GB), and with our
+    own attention (no HF mask helpers) it keeps the dynamic axes we name."""
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    if big:  # protobuf's 2 GB limit: move weights to external data
+        import onnx
+
+        m = onnx.load(str(path))
+        onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+@torch.no_grad()
+def export_graphs(model: StreamingModel, layout: KVLayout, out_dir: Path, dtype: torch.dtype) -> dict[str, dict]:
+    """Write vision.onnx, text_step.onnx and frame_step.onnx; returns their IO description."""
+    model = model.to(dtype).eval()
+    cfg = model.cfg
+    L, N = layout.num_layers, cfg.tokens_per_frame
+    hidden, S = cfg.llm_hidden, cfg.preprocess.image_size
+    graphs: dict[str, dict] = {}
+
+    frames = torch.zeros(2, S, S, 3, dtype=torch.uint8)
+    _export(VisionGraph(model), (frames,), out_dir / "vision.onnx", ["frames"], ["frame_embeds"],
+            {"frames": {0: "batch"}, "frame_embeds": {0: "batch"}})
+    graphs["vision"] = {"file": "vision.onnx", "inputs": ["frames"], "outputs": ["frame_embeds"]}
+
+    past = _example_past(layout, dtype)
+    pnames, nnames = past_names(L), new_names(L)
+    masks = (torch.ones(layout.capacity_dense, dtype=torch.bool), torch.ones(layout.capacity_mod, dtype=torch.bool))
+    # an example of 3 text tokens (not 1) so no dimension is frozen to the example
+    ids = torch.tensor([1, 2, 3], dtype=torch.int64)
+    pos = torch.tensor([0, 1, 2], dtype=torch.int64)
+    t_in = ["input_ids", "position_ids", "dense_mask", "mod_mask", *pnames]
+    t_out = ["logits", *nnames]
+    dyn = {"input_ids": {0: "tokens"}, "position_ids": {0: "tokens"}}
+    dyn.update({n: {1: "tokens"} for n in nnames})
+    _export(TextStepGraph(model, layout), (ids, pos, *masks, *past), out_dir / "text_step.onnx", t_in, t_out, dyn)
+    graphs["text_step"] = {"file": "text_step.onnx", "inputs": t_in, "outputs": t_out}
+
+    emb = torch.randn(N, hidden, dtype=dtype)
+    fpos = torch.arange(3 + N, dtype=torch.int64)
+    kept_names = [f"kept_{i}" for i in model.decoder.routed]
+    f_in = ["input_ids", "frame_embeds", "prev_frame_embeds", "position_ids", "dense_mask", "mod_mask", *pnames]
+    f_out = ["logits", *nnames, *kept_names]
+    dyn = {"input_ids": {0: "text_tokens"}, "position_ids": {0: "step_tokens"}}
+    for i in range(L):
+        axis = "routed_tokens" if i in layout.routed else "step_tokens"
+        dyn[f"new_key_{i}"] = {1: axis}
+        dyn[f"new_value_{i}"] = {1: axis}
+    _export(FrameStepGraph(model, layout), (ids, emb, torch.randn(N, hidden, dtype=dtype), fpos, *masks, *past),
+            out_dir / "frame_step.onnx", f_in, f_out, dyn)
+    graphs["frame_step"] = {"file": "frame_step.onnx", "inputs": f_in, "outputs": f_out}
+    return graphs

@@ -1,0 +1,77 @@
+"""A Stepper over the MoD-aware KV cache; backends supply only the two step calls."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onsight.runtime.kv_cache import KVCache, KVLayout
+from onsight.runtime.kv_policy import FRAME, EvictionPolicy
+
+# (logits (vocab,), new keys per layer, new values per layer[, kept indices per routed layer])
+TextOut = tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]
+FrameOut = tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+
+
+class CachedStepper:
+    """Evicts when needed, assigns positions, runs a step, writes its K/V in place.
+
+    Subclasses implement `run_text` and `run_frame` (the exported graphs or the torch model).
+    `all_routed` lists every layer with a router (their kept indices come back in order);
+    `layout.routed` lists those that actually drop tokens (k < N).
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        inv_freq: np.ndarray,
+        all_routed: tuple[int, ...],
+        policy: EvictionPolicy | None = None,
+    ):
+        self.layout = layout
+        self.cache = KVCache(layout, policy)
+        self.inv_freq = np.asarray(inv_freq, np.float32)
+        self.all_routed = tuple(all_routed)
+        self.prev_embeds: np.ndarray | None = None
+
+    @property
+    def evictions(self) -> int:
+        return self.cache.evictions
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.prev_embeds = None
+
+    def run_text(self, ids: np.ndarray, positions: np.ndarray) -> TextOut:
+        raise NotImplementedError
+
+    def run_frame(
+        self, ids: np.ndarray, embeds: np.ndarray, prev: np.ndarray, positions: np.ndarray
+    ) -> FrameOut:
+        raise NotImplementedError
+
+    def text(self, ids: list[int], kind: int, group: int) -> np.ndarray:
+        self.cache.ensure_room(len(ids), len(ids), self.inv_freq)
+        pos = self.cache.table.append(len(ids), kind, group)
+        logits, nk, nv = self.run_text(np.asarray(ids, np.int64), pos)
+        for i in range(self.layout.num_layers):
+            self.cache.write(i, nk[i], nv[i], pos)
+        return logits
+
+    def frame(self, ids: list[int], embeds: np.ndarray, group: int) -> np.ndarray:
+        t, n = len(ids), embeds.shape[0]
+        self.cache.ensure_room(t + n, t + self.layout.k, self.inv_freq)
+        table = self.cache.table
+        pos_text = table.append(t, FRAME, group)
+        pos_vis = table.append(n, FRAME, group, vision=True)
+        positions = np.concatenate([pos_text, pos_vis])
+        prev = self.prev_embeds if self.prev_embeds is not None else np.zeros_like(embeds)
+        logits, nk, nv, kept = self.run_frame(np.asarray(ids, np.int64), embeds, prev, positions)
+        self.prev_embeds = embeds
+        kept_by_layer = dict(zip(self.all_routed, kept, strict=True))
+        for i in range(self.layout.num_layers):
+            if i in self.layout.routed:
+                pos = np.concatenate([pos_text, pos_vis[np.asarray(kept_by_layer[i])]])
+            else:
+                pos = positions
+            self.cache.write(i, nk[i], nv[i], pos)
+        return logits
