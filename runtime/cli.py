@@ -1,0 +1,218 @@
+"""The `onsight` command. Torch-free at import; exporter commands import torch lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from onsight.runtime.errors import OnsightError
+
+log = logging.getLogger("onsight")
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_SOURCE = 0, 2, 3
+
+
+def _need_exporter() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise OnsightError(
+            f"this command needs the exporter extra ({e.name} is missing): "
+            "pip install 'onsight[exporter]'"
+        ) from e
+
+
+# ---- export / info / build ----
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    _need_exporter()
+    from onsight.exporter.bundle_writer import ExportOptions, export_bundle
+    from onsight.exporter.loaders import load_checkpoint
+
+    print(f"loading {a.source} ...", file=sys.stderr)
+    model, tok = load_checkpoint(
+        a.source, vision=a.vision, projector=a.projector, base=a.base, experts=a.experts, fmt=a.format
+    )
+    opts = ExportOptions(
+        keep_ratio=a.keep_ratio,
+        mod_layers=a.mod_layers,
+        router=a.router,
+        tokens_per_frame=a.tokens_per_frame,
+        kv_capacity=a.kv_capacity,
+        dtype=a.dtype,
+        fps=a.fps,
+    )
+    out, manifest = export_bundle(model, tok, a.out, opts, progress=lambda m: print(m, file=sys.stderr))
+    from onsight.runtime.info import describe
+
+    print(describe(out))
+    return EXIT_OK
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from onsight.runtime.info import describe
+
+    print(describe(a.bundle, as_json=a.json, budget_mb=a.budget_mb))
+    return EXIT_OK
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    if a.backend == "tensorrt":
+        from onsight.runtime.trt_build import build_tensorrt
+
+        build_tensorrt(a.bundle, precision=a.precision, progress=lambda m: print(m, file=sys.stderr))
+        return EXIT_OK
+    if a.quantize != "int8":
+        raise OnsightError("--backend onnxruntime needs --quantize int8 (the fp32 graphs are already built)")
+    _need_exporter()
+    from onsight.exporter.quantize import quantize_bundle
+
+    result = quantize_bundle(a.bundle, progress=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+# ---- narrate (headless) ----
+
+
+def cmd_narrate(a: argparse.Namespace) -> int:
+    from onsight.runtime.assistant import Assistant, AssistantConfig
+    from onsight.runtime.transcript import Transcript
+
+    cfg = AssistantConfig(
+        backend=a.backend,
+        fps=a.fps,
+        realtime=not a.no_realtime,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        decode_workers=a.decode_workers,
+        prune_static_tokens=a.prune_static,
+        skip_duplicate_frames=a.skip_duplicates,
+    )
+    transcript = Transcript(a.transcript) if a.transcript else None
+    try:
+        with Assistant(a.engine, cfg) as assistant:
+            for q in a.ask or []:
+                assistant.ask(q)
+            for event in assistant.narrate(a.source, max_frames=a.max_frames):
+                line = event.to_json()
+                print(line, flush=True)
+                if transcript:
+                    transcript.append(line)
+    finally:
+        if transcript:
+            transcript.close()
+    return EXIT_OK
+
+
+# ---- delegated commands (their modules own their flags) ----
+
+
+def _delegate(module: str, needs_torch: bool) -> Callable[[argparse.Namespace], int]:
+    def run(a: argparse.Namespace) -> int:
+        if needs_torch:
+            _need_exporter()
+        import importlib
+
+        return int(importlib.import_module(module).main(a.rest) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onsight",
+        description="Offline streaming video assistant: narrates what a camera or file shows.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="checkpoint -> bundle (ONNX graphs + bundle.json), parity-checked")
+    e.add_argument("source", help="onsight checkpoint dir, VideoLLM-online adapter dir, or HF LLM dir")
+    e.add_argument("--out", required=True, help="bundle directory to create, e.g. engines/NAME")
+    e.add_argument("--format", default="auto", choices=["auto", "onsight", "videollm-online", "compose"])
+    e.add_argument("--base", help="videollm-online: the base Llama-3 directory")
+    e.add_argument("--vision", help="videollm-online / compose: the SigLIP or CLIP directory")
+    e.add_argument("--projector", help="compose: projector .safetensors (fc1/fc2)")
+    e.add_argument("--experts", help="compose: LayerExpert .safetensors (optional)")
+    e.add_argument("--keep-ratio", type=float, default=None, help="MoD keep ratio r in (0, 1] (e.g. 0.2)")
+    e.add_argument("--mod-layers", default=None, help="interleaved | all | none | 1,3,5")
+    e.add_argument("--router", default=None, choices=["learned", "novelty", "norm"])
+    e.add_argument("--tokens-per-frame", default=None, help="e.g. 1+3x3 (default: the checkpoint's)")
+    e.add_argument("--kv-capacity", type=int, default=4096, help="KV tokens per dense layer")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    e.add_argument("--fps", type=float, default=2.0, help="default sampling rate stored in the bundle")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("info", help="what a bundle holds")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print bundle.json's summary as JSON")
+    i.add_argument("--budget-mb", type=float, default=1024.0, help="KV memory budget for 'frames that fit'")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("build", help="TensorRT plans (GPU) or int8 graphs (CPU) from a bundle")
+    b.add_argument("bundle")
+    b.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime"])
+    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
+    b.add_argument("--quantize", default=None, choices=["int8"])
+    b.set_defaults(func=cmd_build)
+
+    n = sub.add_parser("narrate", help="narrate a source headless, printing JSON lines")
+    n.add_argument("--engine", default="engines/demo", help="bundle directory")
+    n.add_argument("--source", required=True, help="video file, camera index, URL, or image directory")
+    n.add_argument("--fps", type=float, default=None, help="sampling rate (default: the bundle's)")
+    n.add_argument("--transcript", help="append every event as a JSON line here (flushed per line)")
+    n.add_argument("--max-frames", type=int, default=None)
+    n.add_argument("--no-realtime", action="store_true", help="files: as fast as possible")
+    n.add_argument("--decode-workers", type=int, default=1, help="files: parallel decoders")
+    n.add_argument("--backend", default="auto", help="auto | onnxruntime | onnxruntime:cpu | tensorrt")
+    n.add_argument("--max-new-tokens", type=int, default=None)
+    n.add_argument("--temperature", type=float, default=0.0)
+    n.add_argument("--ask", action="append", help="a question to ask at the first frame (repeatable)")
+    n.add_argument("--prune-static", action="store_true", help="DyCoke-style: skip static tokens")
+    n.add_argument("--skip-duplicates", action="store_true", help="skip near-duplicate frames")
+    n.set_defaults(func=cmd_narrate)
+
+    for name, module, torch_needed, helptext in (
+        ("run", "onsight.tui.main", False, "the terminal app: live narration from a camera"),
+        ("eval", "onsight.exporter.demo.evaluate", True, "quality of a bundle on held-out synthetic streams"),
+        ("bench", "onsight.exporter.bench", True, "speed and memory, side by side"),
+        ("train-demo", "onsight.exporter.demo.train", True, "train the demo model from a seed"),
+        ("demo-video", "onsight.runtime.synthetic.cli", False, "render a synthetic demo video"),
+    ):
+        s = sub.add_parser(name, help=helptext, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=_delegate(module, torch_needed))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except OnsightError as e:
+        print(f"onsight: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("onsight: interrupted", file=sys.stderr)
+        return 130
+    except FileNotFoundError as e:
+        print(f"onsight: error: {e.filename}: no such file or directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
