@@ -89,6 +89,9 @@ class OrtSessions:
         (out,) = self.sessions["vision"].run(None, {"frames": frames})
         return out.astype(np.float32, copy=False)
 
+    def close(self) -> None:
+        self.sessions.clear()
+
     def stepper(self, policy: EvictionPolicy | None = None) -> OrtStepper:
         return OrtStepper(self, policy or self.bundle.policy)
 

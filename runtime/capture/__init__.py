@@ -1,0 +1,41 @@
+"""Capture layer: video sources, live threading and reconnection, parallel decoding, and a
+generic overlapped stage pipeline. Torch-free (numpy + OpenCV)."""
+
+from .live import LiveSource
+from .parallel import ParallelFileSource, Segment, decode_file_parallel
+from .pipeline import SKIP, Pipeline, Stage, StageStats
+from .sources import (
+    BackoffConfig,
+    CaptureOptions,
+    CaptureStats,
+    FrameSampler,
+    SequentialSource,
+    Source,
+    SourceKind,
+    classify_spec,
+    crosses_grid,
+    gstreamer_available,
+    open_source,
+)
+
+__all__ = [
+    "SKIP",
+    "BackoffConfig",
+    "CaptureOptions",
+    "CaptureStats",
+    "FrameSampler",
+    "LiveSource",
+    "ParallelFileSource",
+    "Pipeline",
+    "Segment",
+    "SequentialSource",
+    "Source",
+    "SourceKind",
+    "Stage",
+    "StageStats",
+    "classify_spec",
+    "crosses_grid",
+    "decode_file_parallel",
+    "gstreamer_available",
+    "open_source",
+]

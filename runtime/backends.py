@@ -1,0 +1,49 @@
+"""Pick and open a backend for a bundle: onnxruntime (CPU / CUDA) or native TensorRT plans."""
+
+from __future__ import annotations
+
+import logging
+
+from onsight.runtime.bundle import Bundle
+from onsight.runtime.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+
+def _tensorrt_ready(bundle: Bundle) -> bool:
+    if not bundle.manifest.get("tensorrt"):
+        return False
+    try:
+        import tensorrt  # noqa: F401
+
+        from onsight.runtime.trt_backend import cuda_available
+    except ImportError:
+        return False
+    return cuda_available()
+
+
+def make_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):
+    """`auto` takes TensorRT plans when the bundle has them and a GPU is here, else
+    onnxruntime on the best provider it offers; the choice is logged and reported in stats."""
+    name = (name or "auto").lower()
+    if name == "auto" and _tensorrt_ready(bundle):
+        name = "tensorrt"
+    if name == "tensorrt":
+        from onsight.runtime.trt_backend import TrtBackend
+
+        backend = TrtBackend(bundle)
+    elif name in ("auto", "onnxruntime", "ort"):
+        from onsight.runtime.ort_backend import OrtSessions
+
+        backend = OrtSessions(bundle, "auto", threads)
+    elif name.startswith(("onnxruntime:", "ort:")):
+        from onsight.runtime.ort_backend import OrtSessions
+
+        backend = OrtSessions(bundle, name.split(":", 1)[1], threads)
+    else:
+        raise EngineError(
+            f"unknown backend {name!r}: use auto, onnxruntime, onnxruntime:cpu, "
+            "onnxruntime:cuda or tensorrt"
+        )
+    log.info("backend: %s", backend.name)
+    return backend
