@@ -1,0 +1,176 @@
+"""`onsight export` / `onsight info`: bundles, parity, atomicity, TensorRT compatibility, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from onsight.exporter.bundle_writer import ExportOptions, export_bundle
+from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
+from onsight.exporter.model import StreamingModel, save_native
+from onsight.exporter.trt_compat import check_graph
+from onsight.runtime.bundle import load_bundle
+from onsight.runtime.errors import ExportError
+from onsight.runtime.info import describe
+
+from builders import llama_config
+
+SCHEMA = Path(__file__).resolve().parents[1] / "runtime" / "bundle.schema.json"
+
+
+@pytest.fixture(scope="module")
+def native_ckpt(tmp_path_factory, tiny_tokenizer):
+    tok, vocab = tiny_tokenizer
+    cfg = ModelConfig(
+        decoder=llama_config(vocab),
+        vision=VisionConfig(kind="tiny", hidden_size=32, tiny_channels=(8, 16)),
+        preprocess=PreprocessConfig(image_size=32),
+        mod=ModConfig(keep_ratio=0.2, layers=(1, 3), router="learned"),
+        has_layer_experts=True,
+    )
+    torch.manual_seed(0)
+    model = StreamingModel(cfg).eval()
+    return save_native(model, tok, tmp_path_factory.mktemp("ckpt") / "native")
+
+
+@pytest.fixture(scope="module")
+def native_model(native_ckpt):
+    from onsight.exporter.model import load_native
+
+    return load_native(native_ckpt)
+
+
+def _validate_schema(manifest: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(manifest, json.loads(SCHEMA.read_text()))
+
+
+@pytest.mark.parametrize("r", [1.0, 0.2])
+def test_export_native_bundle_is_valid_and_parity_checked(native_model, tmp_path, r):
+    model, tok = native_model
+    out, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=r, kv_capacity=512))
+    for g in ("vision", "text_step", "frame_step"):
+        m = onnx.load(str(out / f"{g}.onnx"))
+        onnx.checker.check_model(m, full_check=True)
+        onnx.shape_inference.infer_shapes(m, strict_mode=True)
+        assert check_graph(out / f"{g}.onnx") == [], "graph must stay TensorRT-parsable"
+    p = manifest["parity"]
+    assert p["passed"] and p["max_abs_logit_error"] < 1e-4 and p["same_tokens"] and p["steps"] > 8
+    _validate_schema(json.loads((out / "bundle.json").read_text()))
+    b = load_bundle(out)
+    assert b.layout.k == (2 if r < 1 else 10)
+    assert b.layout.routed == ((1, 3) if r < 1 else ())
+    if r < 1:
+        assert b.layout.capacity_mod < b.layout.capacity_dense
+
+
+def test_logits_output_is_last_position_only(native_model, tmp_path):
+    model, tok = native_model
+    out, _ = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512))
+    for g in ("text_step", "frame_step"):
+        m = onnx.load(str(out / f"{g}.onnx"))
+        logits = next(o for o in m.graph.output if o.name == "logits")
+        dims = logits.type.tensor_type.shape.dim
+        assert len(dims) == 1 and dims[0].dim_value == model.cfg.decoder["vocab_size"]
+
+
+def test_frame_step_static_topk(native_model, tmp_path):
+    model, tok = native_model
+    out, _ = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512))
+    m = onnx.load(str(out / "frame_step.onnx"))
+    assert sum(n.op_type == "TopK" for n in m.graph.node) == 2  # one per routed layer
+
+
+def test_fp16_export_passes_its_tolerance(native_model, tmp_path):
+    model, tok = native_model
+    _, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512, dtype="fp16"))
+    assert manifest["parity"]["passed"] and manifest["kv"]["dtype"] == "float16"
+
+
+def test_interrupted_export_leaves_no_bundle(native_model, tmp_path, monkeypatch):
+    import onsight.exporter.bundle_writer as bw
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bw, "run_parity", boom)
+    model, tok = native_model
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(model, tok, tmp_path / "b", ExportOptions(kv_capacity=512))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_parity_writes_nothing(native_model, tmp_path, monkeypatch):
+    import onsight.exporter.bundle_writer as bw
+
+    monkeypatch.setattr(bw, "run_parity", lambda *a, **k: {"passed": False, "max_abs_logit_error": 1.0,
+                                                            "tolerance": 1e-4, "same_decisions": False,
+                                                            "same_tokens": False})
+    model, tok = native_model
+    with pytest.raises(ExportError, match="parity failed"):
+        export_bundle(model, tok, tmp_path / "b", ExportOptions(kv_capacity=512))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        (ExportOptions(keep_ratio=1.5), "must be in"),
+        (ExportOptions(keep_ratio=0.0), "must be in"),
+        (ExportOptions(tokens_per_frame="1+9x9"), "do not fit the tower"),
+        (ExportOptions(tokens_per_frame="banana"), "tokens-per-frame"),
+        (ExportOptions(kv_capacity=10), "too small"),
+        (ExportOptions(kv_capacity=10**6), "trained positions"),
+        (ExportOptions(mod_layers="1,99"), "do not exist"),
+    ],
+)
+def test_bad_export_options_give_clear_errors(native_model, tmp_path, opts, match):
+    model, tok = native_model
+    with pytest.raises(ExportError, match=match):
+        export_bundle(model, tok, tmp_path / "b", opts)
+    assert not (tmp_path / "b").exists()
+
+
+def test_existing_output_directory_is_refused(native_model, tmp_path):
+    model, tok = native_model
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        export_bundle(model, tok, tmp_path / "b", ExportOptions(kv_capacity=512))
+
+
+def test_tokens_per_frame_option_changes_grid(native_model, tmp_path):
+    model, tok = native_model
+    out, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(tokens_per_frame="1+2x2", keep_ratio=0.5, kv_capacity=512))
+    assert manifest["vision"]["tokens_per_frame"] == 5 and manifest["mod"]["k"] == 3
+    assert manifest["parity"]["passed"]
+
+
+def test_cli_export_and_info(native_ckpt, tmp_path):
+    out = tmp_path / "engines" / "tiny"
+    r = subprocess.run([sys.executable, "-m", "onsight.runtime.cli", "export", str(native_ckpt), "--out", str(out),
+                        "--keep-ratio", "0.2", "--kv-capacity", "512"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "[1/4]" in r.stderr and "parity" in r.stderr
+    assert "keep ratio 0.2 (k=2)" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "onsight.runtime.cli", "info", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "frames that fit" in r.stdout and "parity    passed" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "onsight.runtime.cli", "export", str(native_ckpt), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_reports_mod_kv_savings(native_model, tmp_path):
+    model, tok = native_model
+    out, _ = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512))
+    text = describe(out)
+    assert "MoD" in text and "0.60x" in text  # (2 dense * 10 + 2 routed * 2) / (4 * 10)
+    b = load_bundle(out)
+    assert np.isclose(b.layout.bytes_per_frame(True) / b.layout.bytes_per_frame(False), (2 * 10 + 2 * 2) / 40)
