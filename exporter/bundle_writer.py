@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from onsight.exporter.config import ModConfig, ModelConfig, parse_mod_layers, parse_tokens_per_frame
+from onsight.exporter.config import ModConfig, parse_mod_layers, parse_tokens_per_frame
 from onsight.exporter.model import StreamingModel
 from onsight.exporter.onnx_export import export_graphs
 from onsight.exporter.parity import run_parity

@@ -65,8 +65,12 @@ class HFTower(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig
-        from transformers import SiglipVisionModel
+        from transformers import (
+            CLIPVisionConfig,
+            CLIPVisionModel,
+            SiglipVisionConfig,
+            SiglipVisionModel,
+        )
 
         if cfg.hf_config is None:
             raise CheckpointError(f"vision kind {cfg.kind!r} needs its transformers config")

@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from onsight.runtime.errors import OnsightError
 

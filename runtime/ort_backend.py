@@ -55,7 +55,13 @@ def choose_providers(device: str = "auto") -> list[str]:
 class OrtSessions:
     """The bundle's graphs as onnxruntime sessions."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "auto",
+        threads: int | None = None,
+        use_overrides: bool | None = None,
+    ):
         ort = _ort()
         self.bundle = bundle
         self.providers = choose_providers(device)
@@ -65,10 +71,15 @@ class OrtSessions:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.sessions = {}
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        # int8 graphs (from `onsight build --quantize int8`) are for CPU: used there by default
+        self.int8 = bool(bundle.manifest.get("graph_overrides")) and (
+            on_cpu if use_overrides is None else use_overrides
+        )
         for g in ("vision", "text_step", "frame_step"):
             path = bundle.graph_path(g)
-            override = bundle.manifest.get("graph_overrides", {}).get(g)
-            if override and (bundle.path / override).is_file():
+            override = (bundle.manifest.get("graph_overrides") or {}).get(g)
+            if self.int8 and override and (bundle.path / override).is_file():
                 path = bundle.path / override
             try:
                 self.sessions[g] = ort.InferenceSession(str(path), opts, providers=self.providers)
@@ -82,7 +93,8 @@ class OrtSessions:
 
     @property
     def name(self) -> str:
-        return f"onnxruntime:{self.providers[0].removesuffix('ExecutionProvider').lower()}"
+        ep = self.providers[0].removesuffix("ExecutionProvider").lower()
+        return f"onnxruntime:{ep}" + (":int8" if self.int8 else "")
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, 3) -> (B, N, hidden) float32."""

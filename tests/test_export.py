@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from builders import llama_config
 
 from onsight.exporter.bundle_writer import ExportOptions, export_bundle
 from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
@@ -19,8 +20,6 @@ from onsight.exporter.trt_compat import check_graph
 from onsight.runtime.bundle import load_bundle
 from onsight.runtime.errors import ExportError
 from onsight.runtime.info import describe
-
-from builders import llama_config
 
 SCHEMA = Path(__file__).resolve().parents[1] / "runtime" / "bundle.schema.json"
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from builders import llama_config
 
 from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
 from onsight.exporter.model import StreamingModel
 from onsight.exporter.reference import Segment, TorchStepper, recompute_logits, reference_loop
 from onsight.runtime.kv_policy import EvictionPolicy
-
-from builders import llama_config
 
 
 class Recorder:

@@ -1,0 +1,431 @@
+"""What `onsight bench` times: probes over onsight's steppers, the two peers, machine peaks.
+
+Every probe has a `before(i)` (untimed: put the cache back to its warm state) and a `run(i)`
+(timed), so that the interleaved runner measures every configuration at the same cache fill,
+on the same frame, in alternation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onsight.runtime.bundle import Bundle
+from onsight.runtime.kv_policy import TURN, TokenTable
+from onsight.runtime.ort_backend import OrtStepper, choose_providers
+
+log = logging.getLogger(__name__)
+
+# One step of a warm-up stream: the text token ids before a frame, and the frame (N, hidden).
+Segment = tuple[list[int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One configuration under test."""
+
+    name: str  # row label in the table
+    run: Callable[[int], object]  # timed: one step on frame i
+    before: Callable[[int], object] = lambda i: None  # untimed: restore the warm state
+
+
+# ---- inputs: real frames, and a warm-up stream of a few hundred tokens ----
+
+
+def pick_video(explicit: Path | None, folder: Path) -> Path | None:
+    if explicit:
+        return explicit
+    if not folder.is_dir():
+        return None
+    vids = sorted(p for p in folder.iterdir() if p.suffix in (".mp4", ".mkv", ".avi"))
+    return max(vids, key=lambda p: p.stat().st_size) if vids else None
+
+
+def sample_frames(video: Path | None, n: int, fps: float, size: int) -> np.ndarray:
+    """n frames of the video sampled at fps and letterboxed (synthetic frames without one)."""
+    from onsight.runtime.preprocess import letterbox
+
+    if video is None:
+        from onsight.exporter.parity import parity_frames
+
+        return parity_frames(n, size)
+    import cv2
+
+    cap, out, t = cv2.VideoCapture(str(video)), [], 0.0
+    while len(out) < n:
+        cap.set(cv2.CAP_PROP_POS_MSEC, t * 1e3)
+        ok, img = cap.read()
+        if not ok:
+            break
+        out.append(letterbox(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), size))
+        t += 1.0 / fps
+    cap.release()
+    while len(out) < n:  # a short video: repeat it
+        out.append(out[len(out) % max(1, len(out))])
+    return np.stack(out)
+
+
+def warm_stream(ids, embeds: np.ndarray, fill: int) -> list[Segment]:
+    """System prompt with the first frame, then frames after interval tokens, to `fill` tokens."""
+    warm = [(list(ids.sink) + list(ids.stream_open), embeds[0])]
+    n = len(warm[0][0]) + embeds.shape[1]
+    while n < fill:
+        warm.append(([ids.interval_id], embeds[len(warm) % len(embeds)]))
+        n += 1 + embeds.shape[1]
+    return warm
+
+
+def interleave(probes: Sequence[Probe], iters: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each probe, measured round-robin so that drift (the shared
+    cores, thermal state) hits every configuration equally; the start rotates each round."""
+    out: dict[str, list[float]] = {p.name: [] for p in probes}
+    n = len(probes)
+    for it in range(warmup + iters):
+        for p in [probes[(it + j) % n] for j in range(n)]:
+            p.before(it)
+            t = time.perf_counter()
+            p.run(it)
+            dt = (time.perf_counter() - t) * 1e3
+            if it >= warmup:
+                out[p.name].append(dt)
+        log.debug("round %d/%d done", it + 1, warmup + iters)
+    return out
+
+
+def summarize(ms: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(ms, np.float64)
+    return {
+        "median_ms": float(np.median(a)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "mean_ms": float(a.mean()),
+        "min_ms": float(a.min()),
+        "n": int(a.size),
+    }
+
+
+# ---- onsight: the runtime's OrtStepper over sessions of the graphs a measurement needs ----
+
+
+class GraphSessions:
+    """Duck-types OrtSessions for OrtStepper but opens only the named graphs, with the same
+    options: the 0.5b preset's three frame_step graphs fit in memory side by side, three
+    whole bundles (vision + text_step + frame_step each) would not."""
+
+    def __init__(self, bundle: Bundle, graphs: dict[str, Path], device: str = "cpu"):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.bundle = bundle
+        self.providers = choose_providers(device)
+        self.sessions = {
+            g: ort.InferenceSession(str(p), opts, providers=self.providers) for g, p in graphs.items()
+        }
+        self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        (out,) = self.sessions["vision"].run(None, {"frames": frames})
+        return out.astype(np.float32, copy=False)
+
+    def stepper(self) -> OrtStepper:
+        return OrtStepper(self, self.bundle.policy)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Snapshot:
+    lengths: list[int]
+    table: TokenTable
+
+
+def snapshot(stepper) -> _Snapshot:
+    return _Snapshot(list(stepper.cache.lengths), copy.deepcopy(stepper.cache.table))
+
+
+def restore(stepper, snap: _Snapshot) -> None:
+    """Back to the warm fill: slots past each saved length become invalid again."""
+    c = stepper.cache
+    for i, n in enumerate(snap.lengths):
+        c.masks[i][n:] = False
+        c.lengths[i] = n
+    c.table = copy.deepcopy(snap.table)
+
+
+def warm_up(stepper, warm: Sequence[Segment]) -> int:
+    """Feed the warm-up stream through frame steps only (the system prompt rides with the
+    first frame), so a stepper over frame_step alone can be warmed; returns the group count."""
+    for group, (ids, frame) in enumerate(warm):
+        stepper.frame(list(ids), frame, group)
+    return len(warm)
+
+
+class StepperProbes:
+    """Frame prefill and one-token decode on a warm cache of one OrtStepper."""
+
+    def __init__(self, stepper, warm: Sequence[Segment], frames: np.ndarray, interval_id: int):
+        self.s, self.frames, self.interval = stepper, frames, interval_id
+        self.group = warm_up(stepper, warm)
+        self.snap = snapshot(stepper)
+        self.lengths = list(stepper.cache.lengths)  # per-layer fill, for the attention floor
+
+    def _before(self, i: int) -> None:
+        restore(self.s, self.snap)
+        self.s.prev_embeds = self.frames[(i - 1) % len(self.frames)]  # novelty vs the last frame
+
+    def frame(self, name: str) -> Probe:
+        f = self.frames
+        return Probe(name, lambda i: self.s.frame([self.interval], f[i % len(f)], self.group),
+                     self._before)
+
+    def decode(self, name: str, token: int) -> Probe:
+        return Probe(name, lambda i: self.s.text([token], TURN, self.group), self._before)
+
+
+# ---- peer (a): PyTorch eager with transformers, VideoLLM-online's frame-by-frame loop ----
+
+
+class TorchPeer:
+    """The HF causal LM fed `inputs_embeds` of one frame (interval token + N vision tokens)
+    per call, reusing `past_key_values` (a DynamicCache cropped back to the warm fill)."""
+
+    def __init__(self, lm_dir: Path, warm: Sequence[Segment], frames: np.ndarray, interval_id: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.lm = AutoModelForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.float32).eval()
+        self.embed = self.lm.get_input_embeddings()
+        with torch.inference_mode():
+            x = torch.cat([torch.cat([self._embeds(t), self._embeds(f)]) for t, f in warm])[None]
+            self.cache = self.lm(inputs_embeds=x, use_cache=True).past_key_values
+        self.fill = x.shape[1]
+        self.inputs = [
+            torch.cat([self._embeds([interval_id]), self._embeds(f)])[None] for f in frames
+        ]
+
+    def _embeds(self, seg: Segment):
+        if isinstance(seg, np.ndarray):
+            return self.torch.from_numpy(np.ascontiguousarray(seg, np.float32))
+        with self.torch.inference_mode():
+            return self.embed(self.torch.tensor(list(seg), dtype=self.torch.int64))
+
+    def _step(self, i: int, last_only: bool) -> None:
+        with self.torch.inference_mode():
+            kw = {"logits_to_keep": 1} if last_only else {}
+            self.lm(inputs_embeds=self.inputs[i % len(self.inputs)], past_key_values=self.cache,
+                    use_cache=True, **kw)
+
+    def probe(self, name: str, last_only: bool) -> Probe:
+        return Probe(name, lambda i: self._step(i, last_only), lambda i: self.cache.crop(self.fill))
+
+
+# ---- peer (b): the dense LLM exported with optimum, run by ORTModelForCausalLM ----
+
+
+def export_optimum(lm_dir: Path, out: Path) -> Path:
+    """`ORTModelForCausalLM.from_pretrained(dir, export=True)`, saved for the next run."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(lm_dir, export=True, use_cache=True)
+    model.save_pretrained(out)
+    return out
+
+
+class OptimumPeer:
+    """ORTModelForCausalLM takes `input_ids` only (no `inputs_embeds`), so a frame is fed as
+    N stand-in token ids: the same sequence length, hence the same compute in the decoder."""
+
+    def __init__(self, ort_dir: Path, warm: Sequence[Segment], tokens_per_frame: int,
+                 interval_id: int, vocab: int, provider: str = "CPUExecutionProvider"):
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        self.torch = torch
+        self.model = ORTModelForCausalLM.from_pretrained(ort_dir, provider=provider, use_cache=True)
+        rng = np.random.default_rng(0)
+        stand_in = lambda: rng.integers(0, vocab, tokens_per_frame).tolist()  # noqa: E731
+        warm_ids = [t for ids, _ in warm for t in [*ids, *stand_in()]]
+        out = self.model(input_ids=torch.tensor([warm_ids]),
+                         attention_mask=torch.ones(1, len(warm_ids), dtype=torch.int64),
+                         use_cache=True)
+        self.past = out.past_key_values  # never extended: every call starts from the warm fill
+        self.fill = len(warm_ids)
+        self.ids = [torch.tensor([[interval_id, *stand_in()]]) for _ in range(4)]
+        self.mask = torch.ones(1, self.fill + 1 + tokens_per_frame, dtype=torch.int64)
+
+    def _step(self, i: int) -> None:
+        self.model(input_ids=self.ids[i % len(self.ids)], attention_mask=self.mask,
+                   past_key_values=self.past, use_cache=True)
+
+    def probe(self, name: str) -> Probe:
+        return Probe(name, self._step)
+
+
+# ---- random weights do not know when to speak: script the decision for end-to-end runs ----
+
+
+@dataclass
+class ScriptedSpeech:
+    """Wraps a Stepper: speaks after every `speak_every`-th frame for `tokens` tokens, silent
+    otherwise, by overriding only the interval / EOS logits. All compute still runs; only the
+    control flow is scripted (a random-weight model would speak after every frame)."""
+
+    inner: object  # the runtime's stepper
+    interval_id: int  # forced to win on silent frames, to lose on speaking ones
+    eos_id: int  # suppressed until `tokens` tokens were generated, then forced
+    speak_every: int = 10  # VideoLLM-online speaks on a minority of frames
+    tokens: int = 12  # a short narration
+    _frames: int = field(default=0, init=False)
+    _left: int = field(default=-1, init=False)
+
+    def __getattr__(self, name: str):  # cache, reset, ... of the wrapped stepper
+        return getattr(self.inner, name)
+
+    def frame(self, ids, embeds, group) -> np.ndarray:
+        logits = np.array(self.inner.frame(ids, embeds, group), np.float32)
+        self._frames += 1
+        speak = self.speak_every > 0 and self._frames % self.speak_every == 0
+        logits[self.interval_id] = logits.min() - 100 if speak else logits.max() + 100
+        self._left = self.tokens if speak else -1
+        return logits
+
+    def text(self, ids, kind, group) -> np.ndarray:
+        logits = np.array(self.inner.text(ids, kind, group), np.float32)
+        if self._left > 0:
+            logits[self.eos_id] = logits.min() - 100
+            self._left -= 1
+        elif self._left == 0:
+            logits[self.eos_id] = logits.max() + 100
+            self._left = -1
+        return logits
+
+
+# ---- end to end and memory, through the Assistant ----
+
+
+def run_e2e(a, video: Path, label: str, mode: str, max_frames: int) -> dict[str, Any]:
+    """Assistant.narrate over a real video, capture and decoding included. mode: `realtime`
+    (paced like a camera at the bundle's fps) or `fast`, plus `+skip` (skip_duplicate_frames)
+    or `+prune` (prune_static_tokens, where this AssistantConfig has it)."""
+    from onsight.runtime.capture import open_source
+
+    flags = set(mode.split("+")[1:])
+    extras = {"skip_duplicate_frames": "skip" in flags}
+    if "prune_static_tokens" in {f.name for f in dataclasses.fields(a.config)}:
+        extras["prune_static_tokens"] = "prune" in flags
+    a.reset()
+    a.config = dataclasses.replace(a.config, **extras)
+    realtime = mode.startswith("realtime")
+    before, skipped0 = a.stats().frames_processed, getattr(a, "_skipped", 0)
+    src = open_source(str(video), fps=a.fps, realtime=realtime)
+    t = time.perf_counter()
+    for _ in a.narrate(src, max_frames=max_frames):
+        pass
+    wall = time.perf_counter() - t
+    st = src.stats()
+    processed = a.stats().frames_processed - before
+    skipped = getattr(a, "_skipped", 0) - skipped0  # no public counter of skipped frames yet
+    handled = processed + skipped
+    return {"variant": label, "mode": mode, "video": video.name, "target_fps": a.fps,
+            "wall_s": wall, "fps_processed": processed / wall, "fps_handled": handled / wall,
+            "frames_processed": processed, "frames_skipped": skipped,
+            "frames_sampled": st.frames_sampled, "frames_dropped": st.frames_dropped,
+            # max_frames stops the run; the source may have sampled one more frame by then
+            "all_sampled_processed": st.frames_dropped == 0
+            and handled >= min(st.frames_sampled, max_frames)}
+
+
+def synthetic_frame(i: int, shape: tuple[int, int] = (480, 640)) -> np.ndarray:
+    """A camera-sized RGB frame that pans one step per index (so frames differ)."""
+    rng = np.random.default_rng(0)
+    cells = rng.integers(0, 256, (shape[0] // 8, shape[1] // 8, 3)).astype(np.uint8)
+    return np.roll(np.kron(cells, np.ones((8, 8, 1), np.uint8)), 5 * i, axis=1)
+
+
+def rss_stream(a, label: str, frames: int) -> dict[str, Any]:
+    """Resident memory sampled while a long synthetic stream is pushed frame by frame; by
+    default long enough to evict (1.5x the frames the KV cache holds)."""
+    import psutil
+
+    a.reset()
+    a.config = dataclasses.replace(a.config, skip_duplicate_frames=False)
+    frames = frames or int(1.5 * a.stats().kv_frames_fit) + 10
+    every = max(1, frames // 20)
+    proc, samples = psutil.Process(), []
+    base = synthetic_frame(0)
+    for i in range(frames):
+        a.push(np.roll(base, 5 * i, axis=1), timestamp=i / a.fps)
+        if i % every == 0 or i == frames - 1:
+            samples.append({"frame": i + 1, "rss_mb": proc.memory_info().rss / 2**20})
+    st = a.stats()
+    gpu = "no GPU on this machine"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"torch CUDA allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    except ImportError:
+        pass
+    return {"variant": label, "frames": frames, "evictions": st.evictions, "samples": samples,
+            "kv_total_mb": a.bundle.layout.total_bytes() / 2**20, "gpu": gpu}
+
+
+# ---- this machine's peaks: the denominators of achieved / floor ----
+
+
+def _best_time(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _ort_matmul(n: int) -> Callable[[], object]:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    b = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n), np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["Y"])], "mm",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).standard_normal((n, n), np.float32)
+    onnx.checker.check_model(model)
+    return lambda: sess.run(None, {"A": a})
+
+
+def machine_peaks(quick: bool) -> dict[str, float]:
+    """fp32 GFLOP/s of a large matmul (numpy and onnxruntime; the better one is the peak) and
+    memory bandwidth in GB/s (a large copy: bytes read + written)."""
+    n = 1024 if quick else 2048
+    reps = 2 if quick else 4
+    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), np.float32)
+    flops = 2.0 * n**3
+    np_gflops = flops / _best_time(lambda: a @ b, reps) / 1e9
+    ort_gflops = flops / _best_time(_ort_matmul(n), reps) / 1e9
+    size = (32 if quick else 128) << 20  # floats
+    src, dst = np.ones(size, np.float32), np.empty(size, np.float32)
+    bw = 2 * src.nbytes / _best_time(lambda: np.copyto(dst, src), reps) / 1e9
+    return {
+        "matmul_n": n,
+        "numpy_gflops": np_gflops,
+        "ort_gflops": ort_gflops,
+        "peak_gflops": max(np_gflops, ort_gflops),
+        "copy_gbps": bw,
+    }

@@ -1,0 +1,156 @@
+"""Synthetic streams -> training sequences in VideoLLM-online's streaming template.
+
+A sequence is laid out token for token as `StreamLoop` feeds the model at inference (the same
+template pieces, tokenised piece by piece), so training sees exactly the inference context:
+
+    sink "\\n[" <v>*N "," <v>*N "]\\nAssistant:" " narration" eos "\\n[" <v>*N ...
+
+Losses: the LM loss on narration and answer tokens and their EOS; the stream loss at the last
+`<v>` of every frame, towards "," on silent frames and towards "]" (the first token of
+"]\\nAssistant:") on frames whose event the model should narrate. The narration fires on the
+event frame itself: the first frame where the change is visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from onsight.runtime.stream_loop import TemplateIds
+from onsight.runtime.synthetic import Stream, WorldConfig, curriculum, generate_stream
+
+IGNORE = -100  # label of positions without an LM loss (torch's cross-entropy default)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One stream as a training sequence."""
+
+    ids: np.ndarray  # (L,) int64 token ids; vision slots hold the <v> id
+    labels: np.ndarray  # (L,) int64 next-token targets of the LM loss, IGNORE elsewhere
+    frame_pos: np.ndarray  # (F, N) int64 sequence positions of each frame's vision tokens
+    stream_label: np.ndarray  # (F,) int64 "," (stay silent) or "]" (speak) after each frame
+    frames: np.ndarray  # (F, S, S, 3) uint8 RGB
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Examples right-padded to a common length (padding is causal-harmless: it comes last)."""
+
+    ids: np.ndarray  # (B, L)
+    labels: np.ndarray  # (B, L)
+    frame_pos: np.ndarray  # (B, F, N)
+    stream_label: np.ndarray  # (B, F)
+    frames: np.ndarray  # (B, F, S, S, 3)
+
+
+def build_example(
+    stream: Stream,
+    t: TemplateIds,
+    encode: Callable[[str], list[int]],
+    v_id: int,
+    tokens_per_frame: int,
+) -> Example:
+    """Lay out `stream` as StreamLoop would feed it, with loss targets."""
+    ids: list[int] = list(t.sink)
+    labels: list[int] = [IGNORE] * len(ids)
+    frame_pos, stream_label = [], []
+    events = {e.frame_index: e for e in stream.events}  # the world spaces events apart
+    questions: dict[int, list] = {}
+    for q in stream.questions:
+        questions.setdefault(q.frame_index, []).append(q)
+    close = t.stream_close[0]
+
+    def feed(tokens: list[int] | tuple[int, ...]) -> None:
+        ids.extend(tokens)
+        labels.extend([IGNORE] * len(tokens))
+
+    def turn(prefix: list[int], reply: list[int]) -> None:
+        # The prefix's last token predicts the reply's first; the reply's last predicts EOS.
+        feed(prefix)
+        labels[-1] = reply[0]
+        ids.extend(reply)
+        labels.extend(reply[1:] + [t.eos_id])
+
+    pending: list[int] = list(t.stream_open)
+    for f in range(stream.num_frames):
+        feed(pending)
+        start = len(ids)
+        feed([v_id] * tokens_per_frame)
+        frame_pos.append(np.arange(start, start + tokens_per_frame))
+        event = events.get(f)
+        stream_label.append(close if event is not None else t.interval_id)
+        tail: list[int] = []
+        closed = False
+        if event is not None:
+            turn(list(t.stream_close + t.assistant_prefix), encode(" " + event.text))
+            tail, closed = [t.eos_id], True
+        for q in questions.get(f, []):
+            prefix = tail + ([] if closed else list(t.stream_close))
+            prefix += list(t.user_prefix) + encode(q.text) + list(t.assistant_prefix)
+            turn(prefix, encode(" " + q.answer))
+            tail, closed = [t.eos_id], True
+        pending = tail + list(t.stream_open) if closed else [t.interval_id]
+    return Example(
+        ids=np.asarray(ids, dtype=np.int64),
+        labels=np.asarray(labels, dtype=np.int64),
+        frame_pos=np.stack(frame_pos).astype(np.int64),
+        stream_label=np.asarray(stream_label, dtype=np.int64),
+        frames=stream.frames,
+    )
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad to the longest; every example must have the same number of frames."""
+    length = max(len(e.ids) for e in examples)
+    ids = np.full((len(examples), length), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), length), IGNORE, dtype=np.int64)
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = e.ids
+        labels[b, : len(e.labels)] = e.labels
+    return Batch(
+        ids=ids,
+        labels=labels,
+        frame_pos=np.stack([e.frame_pos for e in examples]),
+        stream_label=np.stack([e.stream_label for e in examples]),
+        frames=np.stack([e.frames for e in examples]),
+    )
+
+
+def stage_config(stage: int, question_prob: float) -> WorldConfig:
+    """The curriculum stage's world, with questions as often as training wants them."""
+    return dataclasses.replace(curriculum(stage), question_prob=question_prob)
+
+
+@dataclass(frozen=True)
+class BatchSource:
+    """Deterministic batches: batch `step` depends only on (seed, step, stage)."""
+
+    template: TemplateIds
+    encode: Callable[[str], list[int]]
+    v_id: int
+    tokens_per_frame: int
+    batch_size: int = 16  # streams per step
+    num_frames: int = 32  # frames per stream
+    question_prob: float = 0.15  # chance a frame carries a question
+    seed: int = 0  # base seed of the training streams
+    seed_range: int = 100_000  # training world seeds lie in [0, seed_range); eval uses above
+
+    def batch(self, step: int, stage: int) -> Batch:
+        cfg = stage_config(stage, self.question_prob)
+        rng = np.random.default_rng([self.seed, step])
+        seeds = rng.integers(0, self.seed_range, self.batch_size)
+        examples = [
+            build_example(
+                generate_stream(int(s), self.num_frames, cfg),
+                self.template,
+                self.encode,
+                self.v_id,
+                self.tokens_per_frame,
+            )
+            for s in seeds
+        ]
+        return collate(examples, pad_id=self.template.eos_id)

@@ -1,0 +1,280 @@
+"""`onsight eval`: the demo bundle's quality on held-out synthetic streams.
+
+Narration runs THROUGH THE BUNDLE with the torch-free runtime (onnxruntime sessions + the
+runtime's StreamLoop), exactly as `onsight run` would; each stream's questions are asked at
+their frames. Training draws world seeds below 100000, so the default seed range is unseen.
+The LM perplexity of the ground-truth narrations needs the PyTorch model (--checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onsight.runtime.synthetic import (
+    Stream,
+    WorldConfig,
+    curriculum,
+    generate_stream,
+    question_accuracy,
+    score_narrations,
+)
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SEED = 100_000  # first world seed training never draws
+
+
+@dataclass
+class StreamResult:
+    """What the narrator said on one stream, next to the truth."""
+
+    seed: int
+    predictions: list[tuple[float, str]]
+    answers: list[str]
+    expected: list[str]
+    question_kinds: list[str]
+
+
+@dataclass
+class Counts:
+    """Match counts pooled over streams (one mode)."""
+
+    predictions: int = 0
+    events: int = 0
+    matched: int = 0
+    time_err_sum: float = 0.0
+    hits_by_kind: dict[str, int] = field(default_factory=dict)
+    totals_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        p = self.matched / self.predictions if self.predictions else 0.0
+        r = self.matched / self.events if self.events else 1.0
+        return {
+            "precision": p,
+            "recall": r,
+            "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "time_diff_s": self.time_err_sum / self.matched if self.matched else None,
+            "recall_by_kind": {
+                k: self.hits_by_kind.get(k, 0) / n for k, n in sorted(self.totals_by_kind.items())
+            },
+            "events_by_kind": dict(sorted(self.totals_by_kind.items())),
+            "n_predictions": self.predictions,
+            "n_events": self.events,
+            "n_matched": self.matched,
+        }
+
+
+class BundleNarrator:
+    """A bundle under the runtime's own engine: frames in, narrations and answers out."""
+
+    def __init__(self, engine: str | Path, threads: int | None = None):
+        from tokenizers import Tokenizer
+
+        from onsight.runtime.bundle import load_bundle
+        from onsight.runtime.ort_backend import OrtSessions
+        from onsight.runtime.template import build_template_ids
+
+        self.bundle = load_bundle(engine)
+        self.sessions = OrtSessions(self.bundle, device="cpu", threads=threads)
+        self.tok = Tokenizer.from_file(str(self.bundle.tokenizer_path))
+        self.ids = build_template_ids(self.tok, self.bundle.template)
+        self.fps = float(self.bundle.generation["fps"])
+
+    def loop(self):
+        from onsight.runtime.stream_loop import StreamLoop
+
+        gen = self.bundle.generation
+        return StreamLoop(
+            self.sessions.stepper(),
+            self.ids,
+            encode=lambda s: self.tok.encode(s, add_special_tokens=False).ids,
+            threshold=float(gen["threshold"]),
+            max_new_tokens=int(gen["max_new_tokens"]),
+        )
+
+    def run(self, stream: Stream) -> StreamResult:
+        from onsight.runtime.preprocess import preprocess_batch
+
+        pixels = preprocess_batch(list(stream.frames), self.bundle.manifest["preprocess"])
+        embeds = self.sessions.encode(pixels)  # (T, N, hidden)
+        loop = self.loop()
+        asked: dict[int, list] = {}
+        for q in stream.questions:
+            asked.setdefault(q.frame_index, []).append(q)
+        preds, answers, expected, kinds = [], [], [], []
+        for f in range(stream.num_frames):
+            for q in asked.get(f, []):
+                loop.ask(q.text)  # injected right after this frame, as the world asks it
+                expected.append(q.answer)
+                kinds.append(q.kind.value)
+            out = loop.on_frame(embeds[f])
+            if out.speak:
+                preds.append((f / stream.fps, self.tok.decode(out.narration).strip()))
+            answers += [self.tok.decode(ids).strip() for _, ids in out.answers]
+        return StreamResult(stream.seed, preds, answers, expected, kinds)
+
+
+def pool_scores(results: Sequence[StreamResult], streams: Sequence[Stream], window_s: float):
+    """Pool exact / kind / timing matching over streams."""
+    pooled = {m: Counts() for m in ("exact", "kind", "timing")}
+    for res, stream in zip(results, streams, strict=True):
+        report = score_narrations(res.predictions, stream.events, window_s=window_s)
+        for scores in (report.exact, report.kind, report.timing):
+            c = pooled[scores.mode]
+            c.predictions += scores.n_predictions
+            c.events += scores.n_events
+            c.matched += scores.n_matched
+            c.time_err_sum += (scores.time_diff_s or 0.0) * scores.n_matched
+            matched = {i for i, _ in scores.matches}
+            for i, e in enumerate(stream.events):
+                k = e.kind.value
+                c.totals_by_kind[k] = c.totals_by_kind.get(k, 0) + 1
+                c.hits_by_kind[k] = c.hits_by_kind.get(k, 0) + (i in matched)
+    return {m: c.summary() for m, c in pooled.items()}
+
+
+def narration_perplexity(checkpoint: str | Path, streams: Sequence[Stream]) -> float:
+    """exp(mean CE) of the ground-truth narration tokens (+ EOS), teacher-forced in the
+    streaming template, under the PyTorch model (the same routing as the bundle)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from onsight.exporter.demo.data import IGNORE, build_example
+    from onsight.exporter.demo.train import batched_hidden
+    from onsight.exporter.model import load_native
+    from onsight.runtime.template import build_template_ids
+
+    model, tok_path = load_native(checkpoint)
+    tok = Tokenizer.from_file(str(tok_path))
+    t = build_template_ids(tok, asdict(model.cfg.template))
+    v_id = tok.token_to_id(model.cfg.template.v_token)
+    dec = model.decoder
+    total, count = 0.0, 0
+    for stream in streams:
+        # Questions are left out: answers are scored by accuracy, not perplexity.
+        plain = Stream(stream.seed, stream.config, stream.fps, stream.frames, stream.states,
+                       stream.events, ())
+        ex = build_example(plain, t, lambda s: tok.encode(s, add_special_tokens=False).ids,
+                           v_id, model.cfg.tokens_per_frame)
+        with torch.no_grad():
+            x = batched_hidden(
+                model,
+                torch.from_numpy(ex.ids)[None],
+                torch.from_numpy(ex.frames)[None],
+                torch.from_numpy(ex.frame_pos)[None],
+            )[0]
+            labels = torch.from_numpy(ex.labels)
+            mask = labels != IGNORE
+            if not mask.any():
+                continue
+            logits = dec.lm_head(dec.final_norm(x[mask])).float()
+            ce = torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum")
+        total += float(ce)
+        count += int(mask.sum())
+    return math.exp(total / count) if count else float("nan")
+
+
+def evaluate(
+    engine: str | Path,
+    streams: int = 20,
+    seed_start: int = HELD_OUT_SEED,
+    frames: int = 60,
+    window_s: float = 2.0,
+    stage: int = 2,
+    checkpoint: str | Path | None = None,
+    threads: int | None = None,
+) -> dict[str, object]:
+    """Narrate held-out streams through the bundle and score them."""
+    world: WorldConfig = curriculum(stage)
+    narrator = BundleNarrator(engine, threads)
+    data = [generate_stream(seed_start + i, frames, world) for i in range(streams)]
+    results = [narrator.run(s) for s in data]
+    scores = pool_scores(results, data, window_s)
+    answers = [a for r in results for a in r.answers]
+    expected = [e for r in results for e in r.expected]
+    qkinds = [k for r in results for k in r.question_kinds]
+    by_kind: dict[str, list[bool]] = {}
+    for a, e, k in zip(answers, expected, qkinds, strict=True):
+        by_kind.setdefault(k, []).append(question_accuracy([a], [e]) == 1.0)
+    report: dict[str, object] = {
+        "engine": str(engine),
+        "streams": streams,
+        "seed_start": seed_start,
+        "frames": frames,
+        "window_s": window_s,
+        "world_stage": stage,
+        "narration": scores,
+        "question_accuracy": question_accuracy(answers, expected) if expected else None,
+        "question_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "n_questions": len(expected),
+        "perplexity": narration_perplexity(checkpoint, data) if checkpoint else None,
+        "examples": [
+            {"seed": r.seed, "said": r.predictions[:6], "truth": s.narrations()[:6]}
+            for r, s in zip(results[:3], data[:3], strict=True)
+        ],
+    }
+    return report
+
+
+def markdown(report: dict) -> str:
+    ex = report["narration"]["exact"]
+    kind = report["narration"]["kind"]
+    td = ex["time_diff_s"]
+    rows = [
+        "| metric | value |",
+        "| --- | --- |",
+        f"| event precision (exact text, {report['window_s']} s window) | {ex['precision']:.3f} |",
+        f"| event recall (exact) | {ex['recall']:.3f} |",
+        f"| event F1 (exact) | {ex['f1']:.3f} |",
+        f"| event F1 (right kind, any object) | {kind['f1']:.3f} |",
+        f"| TimeDiff (s, exact matches) | {td:.2f} |" if td is not None else "| TimeDiff | - |",
+    ]
+    for k, r in ex["recall_by_kind"].items():
+        rows.append(f"| recall: {k} ({ex['events_by_kind'][k]} events) | {r:.3f} |")
+    qa = report["question_accuracy"]
+    rows.append(f"| question accuracy ({report['n_questions']} questions) | "
+                + (f"{qa:.3f} |" if qa is not None else "- |"))
+    ppl = report["perplexity"]
+    rows.append(f"| LM perplexity of GT narrations | {ppl:.3f} |" if ppl else "| perplexity | - |")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="onsight eval", description=__doc__.splitlines()[0])
+    p.add_argument("--engine", default="engines/demo", help="bundle directory")
+    p.add_argument("--streams", type=int, default=20)
+    p.add_argument("--seed-start", type=int, default=HELD_OUT_SEED)
+    p.add_argument("--frames", type=int, default=60, help="frames per stream")
+    p.add_argument("--window", type=float, default=2.0, help="seconds after an event to match")
+    p.add_argument("--stage", type=int, default=2, help="world curriculum stage (2: full world)")
+    p.add_argument("--checkpoint", default=None, help="native checkpoint, for perplexity")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    report = evaluate(
+        args.engine, args.streams, args.seed_start, args.frames, args.window, args.stage,
+        args.checkpoint, args.threads,
+    )
+    print(markdown(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"report: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,485 @@
+"""`onsight train-demo`: train the demo model on synthetic streams, resumably, on CPU or GPU.
+
+The training forward is batched (B streams at once) but computes exactly what the streaming
+step computes: in a routed layer each frame keeps its top-k vision tokens by the LayerExpert's
+score, kept tokens become x + sigmoid(score) * (block(x) - x), skipped ones pass unchanged,
+text is always processed, and attention is causal over the tokens that layer processes. The
+top-k is not differentiable; the sigmoid weight gives the routers their gradient (MoD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
+from onsight.exporter.demo.data import IGNORE, Batch, BatchSource
+from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
+from onsight.exporter.model import StreamingModel, save_native
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+
+
+# ---- the model ----
+
+
+def demo_config(vocab: int, keep_ratio: float = 0.2) -> ModelConfig:
+    """The shipped demo architecture: tiny CNN tower, 4-layer Llama, LayerExperts on 1 and 3."""
+    decoder = dict(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return ModelConfig(
+        decoder=decoder,
+        # 64x64 frames -> an 8x8 patch grid -> 1 + 3x3 tokens, as VideoLLM-online's 10
+        vision=VisionConfig(kind="tiny", hidden_size=96, grid=3, tiny_channels=(24, 48, 96)),
+        preprocess=PreprocessConfig(image_size=64),
+        projector_hidden=128,
+        mod=ModConfig(keep_ratio=keep_ratio, layers=(1, 3), router="learned"),
+        template=demo_template(),
+        has_layer_experts=True,
+    )
+
+
+def _rope_tables(dec: nn.Module, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, 1, T, D) of ModDecoder.rope for positions pos (B, T), computed once."""
+    freqs = pos.float()[..., None] * dec.inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos() * dec.attention_scaling, emb.sin() * dec.attention_scaling
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Batched form of ModDecoder.rope: x (B, heads, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _block(
+    dec: nn.Module,
+    i: int,
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    key_ok: torch.Tensor | None,
+) -> torch.Tensor:
+    """ModDecoder.block for a batch: x (B, T, hidden) at positions pos (B, T).
+
+    key_ok (B, T) marks the tokens this layer processes; a query never attends to others.
+    """
+    layer = dec.layers[i]
+    attn = layer.self_attn
+    B, T, _ = x.shape
+    H, Hkv, D = dec.num_heads, dec.num_kv_heads, dec.head_dim
+    h = layer.input_layernorm(x)
+    q = _rope(attn.q_proj(h).view(B, T, H, D).transpose(1, 2), *rope)  # (B, H, T, D)
+    k = _rope(attn.k_proj(h).view(B, T, Hkv, D).transpose(1, 2), *rope)  # (B, Hkv, T, D)
+    v = attn.v_proj(h).view(B, T, Hkv, D).transpose(1, 2)
+    k = k.repeat_interleave(H // Hkv, dim=1)  # query head j reads kv head j // rep
+    v = v.repeat_interleave(H // Hkv, dim=1)
+    allowed = pos[:, :, None] >= pos[:, None, :]  # (B, T, T) causal by position
+    if key_ok is not None:
+        allowed = allowed & key_ok[:, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=attn.scaling)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def batched_hidden(
+    model: StreamingModel, ids: torch.Tensor, frames: torch.Tensor, frame_pos: torch.Tensor
+) -> torch.Tensor:
+    """Final hidden states (B, L, hidden) of padded streams, routed as the streaming step.
+
+    ids (B, L) with the <v> id at vision slots; frames (B, F, S, S, 3) uint8; frame_pos
+    (B, F, N) the sequence positions of each frame's vision tokens.
+    """
+    dec = model.decoder
+    B, L = ids.shape
+    _, nf, N = frame_pos.shape
+    hidden = dec.embed.weight.shape[1]
+    emb = model.encoder(frames.flatten(0, 1)).view(B, nf * N, hidden)  # (B, F*N, hidden)
+    vis_idx = frame_pos.reshape(B, nf * N)
+    x = dec.embed(ids.clamp(max=dec.embed.num_embeddings - 1))
+    x = x.scatter(1, vis_idx[..., None].expand(-1, -1, hidden), emb.to(x.dtype))
+    pos = torch.arange(L, device=ids.device).expand(B, L)
+    is_vis = torch.zeros(B, L, dtype=torch.bool, device=ids.device).scatter(1, vis_idx, True)
+    k = dec.k
+    cos, sin = _rope_tables(dec, pos)
+    for i in range(len(dec.layers)):
+        if i not in dec.routed or k >= N:
+            x = _block(dec, i, x, pos, (cos, sin), None)
+            continue
+        # Per-frame top-k of the LayerExpert's score: never across frames.
+        xv = x.gather(1, vis_idx[..., None].expand(-1, -1, hidden))
+        score = dec.experts[str(i)](xv).view(B, nf, N)
+        top = score.topk(k, dim=-1)
+        kept = frame_pos.gather(2, top.indices).reshape(B, nf * k)
+        active = (~is_vis).scatter(1, kept, True)
+        weight = torch.ones(B, L, dtype=x.dtype, device=x.device)
+        weight = weight.scatter(1, kept, torch.sigmoid(top.values).reshape(B, nf * k).to(x.dtype))
+        # Gather the active tokens to the front (in position order) so skipped ones cost
+        # nothing; the tail of the slice holds skipped tokens, masked and left unchanged.
+        m = int(active.sum(1).max())
+        order = torch.argsort(torch.where(active, pos, pos + L), dim=1)[:, :m]  # (B, m)
+        ok = active.gather(1, order)
+        xs = x.gather(1, order[..., None].expand(-1, -1, hidden))
+        rope = (cos.gather(2, _rows(order, cos)), sin.gather(2, _rows(order, sin)))
+        out = _block(dec, i, xs, order, rope, ok)
+        w = weight.gather(1, order)[..., None]
+        new = torch.where(ok[..., None], xs + w * (out - xs), xs)
+        x = x.scatter(1, order[..., None].expand(-1, -1, hidden), new)
+    return x
+
+
+def _rows(order: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index (B, 1, m, D) that gathers rows `order` (B, m) of a (B, 1, T, D) table."""
+    return order[:, None, :, None].expand(-1, 1, -1, table.shape[-1])
+
+
+def batched_logits(model: StreamingModel, ids, frames, frame_pos) -> torch.Tensor:
+    """Logits (B, L, vocab) at every position (for tests; training takes only what it needs)."""
+    dec = model.decoder
+    return dec.lm_head(dec.final_norm(batched_hidden(model, ids, frames, frame_pos)))
+
+
+# ---- the objective ----
+
+
+@dataclass(frozen=True)
+class LossParts:
+    total: torch.Tensor
+    lm: float  # mean CE of narration / answer tokens and their EOS
+    stream: float  # weighted CE of the speak-or-stay-silent decision
+    speak_recall: float  # speak frames where p(",") fell below the threshold
+    silent_acc: float  # silent frames where p(",") stayed above it
+
+
+def compute_loss(
+    model: StreamingModel,
+    batch: dict[str, torch.Tensor],
+    interval_id: int,
+    speak_weight: float,
+    threshold: float,
+) -> LossParts:
+    """VideoLLM-online's LM loss + stream loss, the speak frames weighted up."""
+    dec = model.decoder
+    x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"])
+    # LM loss at labelled positions only: the head runs on a few hundred rows, not all.
+    lm_mask = batch["labels"] != IGNORE
+    lm_logits = dec.lm_head(dec.final_norm(x[lm_mask]))
+    lm = F.cross_entropy(lm_logits.float(), batch["labels"][lm_mask])
+    # Stream loss at the last <v> of every frame.
+    last = batch["frame_pos"][..., -1]  # (B, F)
+    xs = x.gather(1, last[..., None].expand(-1, -1, x.shape[-1]))
+    s_logits = dec.lm_head(dec.final_norm(xs)).float().flatten(0, 1)  # (B*F, vocab)
+    target = batch["stream_label"].flatten()
+    speak = target != interval_id
+    w = torch.where(speak, speak_weight, 1.0)
+    ce = F.cross_entropy(s_logits, target, reduction="none")
+    stream = (w * ce).sum() / w.sum()
+    with torch.no_grad():
+        p_int = torch.softmax(s_logits, -1)[:, interval_id]
+        said = p_int < threshold
+        speak_recall = float(said[speak].float().mean()) if speak.any() else 1.0
+        silent_acc = float((~said[~speak]).float().mean()) if (~speak).any() else 1.0
+    return LossParts(lm + stream, lm.item(), stream.item(), speak_recall, silent_acc)
+
+
+# ---- schedule ----
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained weights (saved with every checkpoint)."""
+
+    seed: int = 0  # model init and stream seeds
+    steps: int = 3000  # optimizer steps (fixed up front so the schedule is reproducible)
+    batch_size: int = 8  # streams per step
+    num_frames: int = 24  # frames per training stream
+    lr: float = 2e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to this share of the peak
+    warmup: int = 100  # linear warmup steps (at most 5% of the run)
+    weight_decay: float = 0.05
+    speak_weight: float = 4.0  # stream-loss weight of speak frames (~1 in 5 frames speaks)
+    question_prob: float = 0.15  # chance a training frame carries a question
+    stage_fractions: tuple[float, float] = (0.1, 0.3)  # curriculum 0 -> 1 -> 2 boundaries
+    keep_ratio: float = 0.2  # MoD keep ratio (1.0: the full-compute twin)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    warmup = max(1, min(cfg.warmup, cfg.steps // 20))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def stage_at(cfg: TrainConfig, step: int) -> int:
+    p = step / max(1, cfg.steps)
+    return 0 if p < cfg.stage_fractions[0] else 1 if p < cfg.stage_fractions[1] else 2
+
+
+# ---- batches in a worker process, so stream generation overlaps the step ----
+
+_SOURCE: BatchSource | None = None
+
+
+def _init_worker(tokenizer_json: str, tcfg: dict, tokens_per_frame: int) -> None:
+    global _SOURCE
+    _SOURCE = make_source(tokenizer_json, TrainConfig(**tcfg), tokens_per_frame)
+
+
+def _make_batch(step: int, stage: int) -> Batch:
+    assert _SOURCE is not None
+    return _SOURCE.batch(step, stage)
+
+
+def make_source(tokenizer_json: str, tcfg: TrainConfig, tokens_per_frame: int) -> BatchSource:
+    from tokenizers import Tokenizer
+
+    from onsight.runtime.template import build_template_ids
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    return BatchSource(
+        template=build_template_ids(tok, asdict(demo_template())),
+        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
+        v_id=tok.token_to_id(V_TOKEN),
+        tokens_per_frame=tokens_per_frame,
+        batch_size=tcfg.batch_size,
+        num_frames=tcfg.num_frames,
+        question_prob=tcfg.question_prob,
+        seed=tcfg.seed,
+    )
+
+
+def to_tensors(batch: Batch, device: str) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in asdict(batch).items()}
+
+
+# ---- checkpoints: tensors and plain numbers only, loaded with weights_only=True ----
+
+
+def save_state(path: Path, model, opt, step: int, tcfg: TrainConfig) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "step": step,
+        "train_config": json.dumps(asdict(tcfg)),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(tokenizer_json: Path, keep_ratio: float, seed: int) -> StreamingModel:
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer_json)).token_to_id(V_TOKEN)
+    torch.manual_seed(seed)
+    return StreamingModel(demo_config(vocab, keep_ratio))
+
+
+# ---- the loop ----
+
+
+def train(
+    out: Path,
+    tcfg: TrainConfig,
+    device: str,
+    resume: bool,
+    minutes: float | None,
+    fit_steps: bool = False,
+) -> Path:
+    """Train into `out` (tokenizer.json, train_state.pt, log.jsonl); returns the native dir."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / "tokenizer.json"
+    state_path = out / STATE_FILE
+    start = 0
+    if resume and state_path.is_file():
+        state = load_state(state_path)
+        tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
+        start = int(state["step"])
+    elif state_path.exists():
+        raise SystemExit(f"{state_path} exists: pass --resume, or choose another --out")
+    if not tok_path.is_file():
+        train_tokenizer(tok_path)
+    model = build_model(tok_path, tcfg.keep_ratio, tcfg.seed).to(device).train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95)
+    )
+    if start:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed at step %d", start)
+    tpl = model.cfg.template
+    src = make_source(str(tok_path), tcfg, model.cfg.tokens_per_frame)
+    interval_id = src.template.interval_id
+    pool = ProcessPoolExecutor(
+        1,
+        mp_context=get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(tok_path), asdict(tcfg), model.cfg.tokens_per_frame),
+    )
+    ahead: dict[int, Future] = {}
+    t0, last_save = time.time(), time.time()
+    deadline = t0 + minutes * 60 if minutes else None
+    bar = tqdm(total=tcfg.steps, initial=start, desc="train-demo", dynamic_ncols=True)
+    logf = (out / "log.jsonl").open("a")
+    step = start
+    try:
+        while step < tcfg.steps:
+            for s in range(step, min(step + 3, tcfg.steps)):
+                if s not in ahead:
+                    ahead[s] = pool.submit(_make_batch, s, stage_at(tcfg, s))
+            batch = to_tensors(ahead.pop(step).result(), device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(tcfg, step)
+            parts = compute_loss(model, batch, interval_id, tcfg.speak_weight, tpl.threshold)
+            opt.zero_grad(set_to_none=True)
+            parts.total.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            opt.step()
+            step += 1
+            if fit_steps and step == start + 5:
+                # Fit the schedule to the budget once; the checkpoint remembers the result.
+                per_step = (time.time() - t0) / 5
+                fitted = max(step + 1, int(minutes * 60 / per_step))
+                tcfg = dataclasses.replace(tcfg, steps=fitted)
+                bar.total = fitted
+                log.info("%.1f s/step: the schedule is fitted to %d steps", per_step, fitted)
+            rec = {
+                "step": step,
+                "stage": stage_at(tcfg, step - 1),
+                "lr": lr_at(tcfg, step - 1),
+                "lm": round(parts.lm, 4),
+                "stream": round(parts.stream, 4),
+                "speak_recall": round(parts.speak_recall, 3),
+                "silent_acc": round(parts.silent_acc, 3),
+                "grad_norm": round(gnorm, 3),
+                "elapsed_s": round(time.time() - t0, 1),
+            }
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            bar.update(1)
+            bar.set_postfix(
+                lm=f"{parts.lm:.3f}", st=f"{parts.stream:.3f}",
+                spk=f"{parts.speak_recall:.2f}", sil=f"{parts.silent_acc:.2f}",
+            )
+            if time.time() - last_save > 180 or step == tcfg.steps:
+                save_state(state_path, model, opt, step, tcfg)
+                last_save = time.time()
+            if deadline and time.time() > deadline:
+                save_state(state_path, model, opt, step, tcfg)
+                log.warning("time budget reached at step %d of %d", step, tcfg.steps)
+                break
+    finally:
+        bar.close()
+        logf.close()
+        pool.shutdown(cancel_futures=True)
+    native = out / f"native-step{step}"
+    if native.exists():
+        import shutil
+
+        shutil.rmtree(native)
+    return save_native(model.cpu().eval(), tok_path, native)
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="onsight train-demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/demo", help="run directory (checkpoints, log)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3000)")
+    p.add_argument(
+        "--minutes", type=float, default=None,
+        help="wall-time budget; alone, the step count is fitted to it after 5 timed steps",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--keep-ratio", type=float, default=0.2, help="MoD keep ratio r")
+    p.add_argument("--full-compute", action="store_true", help="the r = 1 twin")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, default=24, help="frames per training stream")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--speak-weight", type=float, default=4.0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--snapshot", default=None, metavar="DIR",
+        help="only write OUT's latest checkpoint as a native checkpoint to DIR, and exit",
+    )
+    return p.parse_args(argv)
+
+
+def snapshot(run_dir: Path, native_out: Path) -> Path:
+    """The run's latest resumable checkpoint as a native checkpoint (for intermediate evals)."""
+    state = load_state(run_dir / STATE_FILE)
+    tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
+    model = build_model(run_dir / "tokenizer.json", tcfg.keep_ratio, tcfg.seed)
+    model.load_state_dict(state["model"])
+    return save_native(model.eval(), run_dir / "tokenizer.json", native_out)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.snapshot:
+        print(f"native checkpoint: {snapshot(Path(args.out), Path(args.snapshot))}")
+        return 0
+    tcfg = TrainConfig(
+        seed=args.seed,
+        steps=args.steps or 3000,
+        batch_size=args.batch_size,
+        num_frames=args.frames,
+        lr=args.lr,
+        speak_weight=args.speak_weight,
+        keep_ratio=1.0 if args.full_compute else args.keep_ratio,
+    )
+    t0 = time.time()
+    fit = args.minutes is not None and args.steps is None
+    native = train(Path(args.out), tcfg, args.device, args.resume, args.minutes, fit)
+    print(f"trained in {time.time() - t0:.0f} s; native checkpoint: {native}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
