@@ -108,7 +108,12 @@ class KVCache:
         if not full:
             return False
         plan = self.table.plan(
-            self.policy, self.layout.capacity_dense, self.layout.capacity_mod, bool(routed)
+            self.policy,
+            self.layout.capacity_dense,
+            self.layout.capacity_mod,
+            bool(routed),
+            new_dense,
+            new_mod if routed else new_dense,
         )
         self.table.apply(plan)
         self._rebase(plan, inv_freq)

@@ -118,11 +118,18 @@ class TokenTable:
         return int(np.bincount(g - g.min()).max())
 
     def plan(
-        self, policy: EvictionPolicy, cap_dense: int, cap_mod: int, routed: bool
+        self,
+        policy: EvictionPolicy,
+        cap_dense: int,
+        cap_mod: int,
+        routed: bool,
+        new_dense: int = 0,
+        new_mod: int = 0,
     ) -> EvictionPlan:
-        """Choose tokens to keep so that both layer groups drop below (1 - free) capacity."""
-        target_dense = int(cap_dense * (1 - policy.free_fraction))
-        target_mod = int(cap_mod * (1 - policy.free_fraction))
+        """Choose tokens to keep so that both layer groups drop below (1 - free) capacity
+        and the next step (`new_*` tokens) fits."""
+        target_dense = min(int(cap_dense * (1 - policy.free_fraction)), cap_dense - new_dense)
+        target_mod = min(int(cap_mod * (1 - policy.free_fraction)), cap_mod - new_mod)
         kinds, groups, vision = self.kinds, self.groups, self.vision
         keep = np.ones(self.n, bool)
         # Oldest narration turns beyond the text budget go first.

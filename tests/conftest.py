@@ -37,3 +37,41 @@ def tiny_tokenizer(tmp_path_factory):
     from builders import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def make_tiny_model(vocab: int, r: float = 0.2, max_new_tokens: int = 4, seed: int = 0):
+    """A tiny random MoD model with learned routers (decisive, so top-k has no near-ties)."""
+    import torch
+
+    from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, TemplateConfig, VisionConfig
+    from onsight.exporter.model import StreamingModel
+
+    from builders import llama_config
+
+    cfg = ModelConfig(
+        decoder=llama_config(vocab),
+        vision=VisionConfig(kind="tiny", hidden_size=32, tiny_channels=(8, 16)),
+        preprocess=PreprocessConfig(image_size=32),
+        mod=ModConfig(keep_ratio=r, layers=(1, 3), router="learned"),
+        template=TemplateConfig(system_prompt="You narrate video.", max_new_tokens=max_new_tokens),
+        has_layer_experts=True,
+    )
+    torch.manual_seed(seed)
+    model = StreamingModel(cfg).eval()
+    for e in model.decoder.experts.values():
+        torch.nn.init.normal_(e.proj.weight, std=1.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_tokenizer):
+    """(bundle dir, torch model, tokenizer.json): a small-capacity bundle that evicts often."""
+    from onsight.exporter.bundle_writer import ExportOptions, export_bundle
+
+    tok, vocab = tiny_tokenizer
+    model = make_tiny_model(vocab)
+    out, _ = export_bundle(
+        model, tok, tmp_path_factory.mktemp("bundles") / "tiny",
+        ExportOptions(keep_ratio=0.2, kv_capacity=160, keep_text_tokens=24),
+    )
+    return out, model, tok

@@ -405,7 +405,8 @@ def open_url(url: str, options: CaptureOptions, clock_origin: float) -> CvBacken
         hint = f"check the URL and that the server is running (try: ffprobe '{url}')"
         if url.lower().startswith("rtsp"):
             hint += (
-                "; for cameras behind NAT set OPENCV_FFMPEG_CAPTURE_OPTIONS='rtsp_transport;tcp'"
+                "; if it plays elsewhere but not here (firewall, NAT), set "
+                "OPENCV_FFMPEG_CAPTURE_OPTIONS='rtsp_transport;tcp'"
             )
         raise SourceError(
             f"stream {url} could not be opened within {options.open_timeout_s:g} s "
