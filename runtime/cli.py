@@ -92,7 +92,6 @@ def cmd_narrate(a: argparse.Namespace) -> int:
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,
         decode_workers=a.decode_workers,
-        prune_static_tokens=a.prune_static,
         skip_duplicate_frames=a.skip_duplicates,
     )
     transcript = Transcript(a.transcript) if a.transcript else None
@@ -175,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-new-tokens", type=int, default=None)
     n.add_argument("--temperature", type=float, default=0.0)
     n.add_argument("--ask", action="append", help="a question to ask at the first frame (repeatable)")
-    n.add_argument("--prune-static", action="store_true", help="DyCoke-style: skip static tokens")
     n.add_argument("--skip-duplicates", action="store_true", help="skip near-duplicate frames")
     n.set_defaults(func=cmd_narrate)
 
@@ -211,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"onsight: error: {e.filename}: no such file or directory", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - the user sees a message, -v shows the traceback
+        log.debug("unexpected error", exc_info=True)
+        print(f"onsight: internal error: {type(e).__name__}: {e} (run with -v for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
