@@ -144,11 +144,13 @@ class Assistant:
         from onsight.runtime.capture import CaptureOptions, Pipeline, Source, Stage, open_source
 
         self._check_open()
+        from onsight.runtime.synthetic.cli import resolve_source
+
         if isinstance(source, Source):
             src = source
         else:
             src = open_source(
-                source,
+                resolve_source(source),
                 fps=self.fps,
                 realtime=self.config.realtime,
                 options=CaptureOptions(decode_workers=max(1, self.config.decode_workers)),
