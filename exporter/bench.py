@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"
-RATIOS = (1.0, 0.5, 0.2)
+RATIOS = (1.0, 0.5, 0.2)  # keep ratios measured side by side; the smallest is the shipped one
 
 
 @dataclass(frozen=True)
@@ -52,37 +51,35 @@ class Preset:
     gpu_only: bool = False  # refuse on a machine without CUDA
 
 
-def _siglip(hidden: int, inter: int, layers: int, heads: int, image: int) -> dict[str, Any]:
-    return dict(model_type="siglip_vision_model", hidden_size=hidden, intermediate_size=inter,
-                num_hidden_layers=layers, num_attention_heads=heads, image_size=image,
-                patch_size=16, num_channels=3)
+def _llm(arch: str, vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int,
+         max_pos: int, rope: float, tie: bool, **extra: Any) -> dict[str, Any]:  # fmt: skip
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[arch]
+    return dict(architectures=[arch], model_type=model_type, vocab_size=vocab, hidden_size=hidden,
+                intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, max_position_embeddings=max_pos, rope_theta=rope,
+                tie_word_embeddings=tie, **extra)  # fmt: skip
 
 
-PRESETS = {
-    # stand-in for engines/demo when it is not shipped yet: issue 8's trial-run shape
-    "demo": Preset("demo", dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=192,
-        intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False),
-        VisionConfig(kind="tiny", hidden_size=128, grid=3, tiny_channels=(16, 32, 64)), 64,
-        kv_capacity=1024, parity_frames=2),
-    # Qwen2-0.5B decoder + SigLIP-base/16 at 224 (14x14 patches pooled to 1 + 7x7 = 50 tokens)
-    "0.5b": Preset("0.5b", dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
-        VisionConfig(kind="siglip", hidden_size=768, grid=7, hf_config=_siglip(768, 3072, 12, 12, 224)),
-        224, parity_frames=2),
-    # Llama-3-8B + SigLIP-L/16 at 384, VideoLLM-online's 1 + 3x3 tokens
-    "8b": Preset("8b", dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        tie_word_embeddings=False),
-        VisionConfig(kind="siglip", hidden_size=1024, grid=3, hf_config=_siglip(1024, 4096, 24, 16, 384)),
-        384, parity_frames=1, gpu_only=True),
-}
+def _tower(hidden: int, inter: int, layers: int, heads: int, image: int, grid: int) -> VisionConfig:
+    hf = dict(model_type="siglip_vision_model", hidden_size=hidden, intermediate_size=inter,
+              num_hidden_layers=layers, num_attention_heads=heads, image_size=image,
+              patch_size=16, num_channels=3)  # fmt: skip
+    return VisionConfig(kind="siglip", hidden_size=hidden, grid=grid, hf_config=hf)
+
+
+# stand-in for engines/demo until it ships: issue 8's trial-run shape, 1 + 3x3 tokens
+DEMO = Preset("demo", _llm("LlamaForCausalLM", 512, 192, 512, 4, 4, 2, 2048, 1e4, False),
+              VisionConfig(kind="tiny", hidden_size=128, grid=3, tiny_channels=(16, 32, 64)),
+              64, kv_capacity=1024, parity_frames=2)  # fmt: skip
+# Qwen2-0.5B + SigLIP-base/16 at 224 (14x14 patches pooled to 1 + 7x7 = 50 tokens)
+QWEN_05B = Preset("0.5b", _llm("Qwen2ForCausalLM", 151936, 896, 4864, 24, 14, 2, 32768, 1e6, True,
+                               rms_norm_eps=1e-6, use_sliding_window=False),
+                  _tower(768, 3072, 12, 12, 224, grid=7), 224, parity_frames=2)  # fmt: skip
+# Llama-3-8B + SigLIP-L/16 at 384 with VideoLLM-online's 1 + 3x3 tokens
+LLAMA_8B = Preset("8b", _llm("LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 8192, 5e5, False),
+                  _tower(1024, 4096, 24, 16, 384, grid=3), 384, parity_frames=1,
+                  gpu_only=True)  # fmt: skip
+PRESETS = {p.name: p for p in (DEMO, QWEN_05B, LLAMA_8B)}
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ class BenchOptions:
 
     preset: str | None  # demo | 0.5b | 8b (None with --engine)
     engine: Path | None  # an existing bundle instead of a preset
-    backend: str  # onnxruntime:cpu | onnxruntime:cuda | ...
+    backend: str  # auto | onnxruntime:cpu | onnxruntime:cuda
     out: Path  # results folder
     cache: Path  # built bundles and peers, reused by the next run
     video: Path | None  # real video for end-to-end runs (None: skipped)
@@ -131,10 +128,9 @@ def wordlevel_tokenizer(path: Path, vocab_size: int, bos: str, eos: str) -> Path
 
     from onsight.exporter.config import DEFAULT_SYSTEM_PROMPT
 
-    words = ["[UNK]", bos, eos, *list(",.:;[]!?'\"-()")]
-    for w in (DEFAULT_SYSTEM_PROMPT + " User Assistant").replace(",", " ").replace(".", " ").split():
-        if w not in words:
-            words.append(w)
+    words = ["[UNK]", bos, eos, *",.:;[]!?'\"-()"]
+    text = (DEFAULT_SYSTEM_PROMPT + " User Assistant").replace(",", " ").replace(".", " ")
+    words += [w for w in dict.fromkeys(text.split()) if w not in words]
     words += [f"w{i}" for i in range(vocab_size - len(words))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -145,36 +141,20 @@ def wordlevel_tokenizer(path: Path, vocab_size: int, bos: str, eos: str) -> Path
     return path
 
 
-def _say(msg: str) -> None:
-    log.info("%s", msg)
-
-
-def _export_ratios(model, tok: Path, cache: Path, ratios, kv_capacity: int, parity: int,
-                   router: str | None) -> dict[float, Path]:
+def _export(model, tok: Path, d: Path, r: float, capacity: int, parity: int, router) -> Path:
     from onsight.exporter.bundle_writer import ExportOptions, export_bundle
 
-    out = {}
-    for r in ratios:
-        d = cache / f"r{r}"
-        if not (d / "bundle.json").is_file():
-            log.info("exporting the r=%s bundle to %s", r, d)
-            export_bundle(model, tok, d, ExportOptions(
-                keep_ratio=r, mod_layers="interleaved", router=router, kv_capacity=kv_capacity,
-                parity_frames=parity), progress=_say)
-        out[r] = d
-    return out
-
-
-def _save_hf_lm(model, d: Path) -> Path:
-    if not (d / "config.json").is_file():
-        model.decoder.lm.save_pretrained(d, safe_serialization=True)
+    if not (d / "bundle.json").is_file():
+        log.info("exporting the r=%s bundle to %s", r, d)
+        opts = ExportOptions(keep_ratio=r, mod_layers="interleaved", router=router,
+                             kv_capacity=capacity, parity_frames=parity)  # fmt: skip
+        export_bundle(model, tok, d, opts, progress=lambda m: log.info("%s", m))
     return d
 
 
 def _int8(ws: Workspace, cache: Path) -> None:
     """Hard-link the shipped bundle into the cache and add int8 graphs to the copy."""
-    src = ws.bundles[ws.ship_ratio]
-    dst = cache / f"r{ws.ship_ratio}-int8"
+    src, dst = ws.bundles[ws.ship_ratio], cache / f"r{ws.ship_ratio}-int8"
     if (dst / "bundle.json").is_file() and "graph_overrides" in (dst / "bundle.json").read_text():
         ws.int8 = dst
         return
@@ -188,24 +168,25 @@ def _int8(ws: Workspace, cache: Path) -> None:
         if f.is_file() and not (dst / f.name).exists():
             os.link(f, dst / f.name)  # write_manifest replaces bundle.json, never edits it
     try:
-        quantize_bundle(dst, progress=_say)
+        quantize_bundle(dst, progress=lambda m: log.info("%s", m))
         ws.int8 = dst
-    except Exception as e:  # noqa: BLE001 - report, and measure the rest
+    except Exception as e:  # noqa: BLE001 - report it, and measure the rest
         log.exception("int8 quantization failed")
         ws.notes.append(f"int8 skipped: quantize_bundle failed ({type(e).__name__}: {e})")
 
 
 def _peers(ws: Workspace, model, cache: Path) -> None:
-    ws.hf_lm = _save_hf_lm(model, cache / "hf_lm")
-    d = cache / "optimum"
-    if (d / "config.json").is_file():
-        ws.optimum = d
+    ws.hf_lm, ws.optimum = cache / "hf_lm", cache / "optimum"
+    if not (ws.hf_lm / "config.json").is_file():
+        model.decoder.lm.save_pretrained(ws.hf_lm, safe_serialization=True)
+    if (ws.optimum / "config.json").is_file():
         return
     try:
         log.info("exporting the dense LLM with optimum (ORTModelForCausalLM, export=True)")
-        ws.optimum = peers.export_optimum(ws.hf_lm, d)
-    except Exception as e:  # noqa: BLE001
+        peers.export_optimum(ws.hf_lm, ws.optimum)
+    except Exception as e:  # noqa: BLE001 - the other measurements still stand
         log.exception("optimum export failed")
+        ws.optimum = None
         ws.notes.append(f"optimum peer skipped: export failed ({type(e).__name__}: {e})")
 
 
@@ -215,35 +196,34 @@ def build_preset(p: Preset, cache: Path) -> Workspace:
     from onsight.exporter.model import StreamingModel
 
     cache.mkdir(parents=True, exist_ok=True)
-    tpl = ModelConfig(decoder=p.decoder).template
     tok = cache / "tokenizer.json"
+    tpl = ModelConfig(decoder=p.decoder).template
     if not tok.is_file():
         wordlevel_tokenizer(tok, int(p.decoder["vocab_size"]), tpl.bos, tpl.eos)
-    cfg = ModelConfig(decoder=p.decoder, vision=p.vision,
-                      preprocess=PreprocessConfig(image_size=p.image_size),
-                      mod=ModConfig(keep_ratio=1.0, router="novelty"))
-    ws = Workspace({}, min(RATIOS), vision=dataclasses.asdict(p.vision), scripted=True)
-    need = [r for r in RATIOS if not (cache / f"r{r}" / "bundle.json").is_file()]
+    ws = Workspace({}, min(RATIOS), vision=dataclasses.asdict(p.vision))
+    ws.notes.append(f"{p.name}: random weights (seed 0)")
     model = None
-    if need or not (cache / "hf_lm" / "config.json").is_file():
+    built = [cache / f"r{r}" / "bundle.json" for r in RATIOS] + [cache / "hf_lm" / "config.json"]
+    if not all(f.is_file() for f in built):
         log.info("building the %s model with random weights (seed 0)", p.name)
         torch.manual_seed(0)
+        cfg = ModelConfig(decoder=p.decoder, vision=p.vision,
+                          preprocess=PreprocessConfig(image_size=p.image_size),
+                          mod=ModConfig(keep_ratio=1.0, router="novelty"))  # fmt: skip
         model = StreamingModel(cfg).eval()
     threads = torch.get_num_threads()
     if int(p.decoder["hidden_size"]) < 512:
-        # tiny ops on several OpenMP threads crawl when the cores are shared (barrier waits)
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # tiny ops on OpenMP threads crawl when the cores are shared
     try:
-        ws.bundles = _export_ratios(model, tok, cache, RATIOS, p.kv_capacity, p.parity_frames,
-                                    "novelty")
+        for r in RATIOS:
+            ws.bundles[r] = _export(model, tok, cache / f"r{r}", r, p.kv_capacity,
+                                    p.parity_frames, "novelty")  # fmt: skip
         _peers(ws, model, cache)
         del model
         gc.collect()
         _int8(ws, cache)
     finally:
         torch.set_num_threads(threads)
-    ws.notes.append(f"{p.name}: random weights (seed 0); the speak decision is scripted "
-                    "(see ScriptedSpeech) because random weights would speak after every frame")
     return ws
 
 
@@ -261,9 +241,10 @@ def build_engine(engine: Path, cache: Path) -> Workspace:
         model, tok = load_native(ckpt)
         ws.vision = dataclasses.asdict(model.cfg.vision)
         ws.projector_hidden = model.cfg.projector_hidden
-        others = [r for r in RATIOS if abs(r - r0) > 1e-9]
-        ws.bundles.update(_export_ratios(model, tok, cache, others, b.layout.capacity_dense,
-                                         4, None if model.cfg.has_layer_experts else "novelty"))
+        router = None if model.cfg.has_layer_experts else "novelty"
+        for r in (r for r in RATIOS if abs(r - r0) > 1e-9):
+            ws.bundles[r] = _export(model, tok, cache / f"r{r}", r, b.layout.capacity_dense, 4,
+                                    router)  # fmt: skip
         _peers(ws, model, cache)
         del model
     else:
@@ -272,162 +253,131 @@ def build_engine(engine: Path, cache: Path) -> Workspace:
     return ws
 
 
+# ---- measurements ----
+
+
 def _template(b: Bundle) -> TemplateIds:
     from tokenizers import Tokenizer
 
     return build_template_ids(Tokenizer.from_file(str(b.tokenizer_path)), b.template)
 
 
-# ---- measurements ----
+class Bench:
+    """One benchmark run: the workspace, the options and the results being filled in."""
 
+    def __init__(self, ws: Workspace, o: BenchOptions, res: dict[str, Any]):
+        self.ws, self.o, self.res = ws, o, res
+        self.device = _device(o.backend)
+        self.pixels = self.embeds = np.zeros(0)
 
-def measure_steps(ws: Workspace, o: BenchOptions, device: str, res: dict[str, Any]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Frame prefill at every keep ratio, the vision encoder and the peers, interleaved."""
-    ratios = sorted(ws.bundles, reverse=True)
-    b0 = load_bundle(ws.bundles[ratios[0]], verify=False)
-    vis = peers.GraphSessions(b0, {"vision": b0.graph_path("vision")}, device)
-    fps = float(b0.generation.get("fps", 2.0))
-    pixels = peers.sample_frames(o.video, 4 if o.quick else 8, fps, b0.image_size)
-    embeds = vis.encode(pixels)
-    ids = _template(b0)
-    warm = peers.warm_stream(ids, embeds, o.fill_tokens)
-    probes, floors = [], {}
-    dims = report.LMDims.from_manifest(b0.manifest)
-    N = b0.tokens_per_frame
-    for r in ratios:
-        b = load_bundle(ws.bundles[r], verify=False)
-        sp = peers.StepperProbes(peers.GraphSessions(b, {"frame_step": b.graph_path("frame_step")},
-                                                     device).stepper(), warm, embeds, ids.interval_id)
-        name = f"onsight r={r}"
-        probes.append(sp.frame(name))
-        toks = [1 + (b.layout.k if i in b.layout.routed else N) for i in range(dims.layers)]
-        floors[name] = report.step_floor(dims, toks, sp.lengths, 4)
-    probes.append(peers.Probe("vision encoder (1 frame)",
-                              lambda i: vis.encode(pixels[i % len(pixels)][None])))
-    floors["vision encoder (1 frame)"] = report.vision_floor(
-        ws.vision, b0.image_size, dims.hidden, ws.projector_hidden)
-    fill = sum(len(t) + len(f) for t, f in warm)
-    dense_floor = report.step_floor(dims, [1 + N] * dims.layers, [fill] * dims.layers, 4)
-    if ws.hf_lm:
-        tp = peers.TorchPeer(ws.hf_lm, warm, embeds, ids.interval_id)
-        for name, last in (("torch eager (VideoLLM-online style)", False),
-                           ("torch eager (logits_to_keep=1)", True)):
-            probes.append(tp.probe(name, last))
-            floors[name] = dense_floor
-    if ws.optimum:
-        op = peers.OptimumPeer(ws.optimum, warm, N, ids.interval_id, dims.vocab)
-        probes.append(op.probe("optimum ORTModelForCausalLM"))
-        floors["optimum ORTModelForCausalLM"] = dense_floor
-        res["meta"]["notes"].append(
-            "optimum's ORTModelForCausalLM takes input_ids only, so each frame is fed as "
-            f"{N} stand-in token ids (same sequence length and compute as {N} vision tokens)")
-    log.info("timing %d configurations x %d rounds, interleaved", len(probes), o.iters)
-    times = peers.interleave(probes, o.iters, o.warmup)
-    for name, ms in times.items():
-        key = "prefill" if name.startswith(("onsight", "torch", "optimum")) else "other_steps"
-        res[key][name] = peers.summarize(ms)
-        res["floors"][name] = report.efficiency(floors.get(name), res[key][name]["median_ms"],
-                                                res["peaks"])
-    return pixels, embeds
+    def _record(self, times: dict[str, list[float]], floors: dict[str, dict | None]) -> None:
+        for name, ms in times.items():
+            fp32_prefill = name.split(" ")[0] in ("onsight", "torch", "optimum")
+            key = "prefill" if fp32_prefill and not name.endswith("int8") else "other_steps"
+            self.res[key][name] = st = peers.summarize(ms)
+            if name.startswith("decode"):
+                st["tokens_per_s"] = 1e3 / st["median_ms"]
+            floor = report.efficiency(floors.get(name), st["median_ms"], self.res["peaks"])
+            self.res["floors"][name] = floor
 
+    def steps(self) -> None:
+        """Frame prefill at every keep ratio, the vision encoder and the peers, interleaved."""
+        ws, o = self.ws, self.o
+        ratios = sorted(ws.bundles, reverse=True)
+        b0 = load_bundle(ws.bundles[ratios[0]], verify=False)
+        vis = peers.GraphSessions(b0, {"vision": b0.graph_path("vision")}, self.device)
+        fps = float(b0.generation.get("fps", 2.0))
+        self.pixels = px = peers.sample_frames(o.video, 4 if o.quick else 8, fps, b0.image_size)
+        self.embeds = vis.encode(px)
+        ids = _template(b0)
+        warm = peers.warm_stream(ids, self.embeds, o.fill_tokens)
+        dims, N = report.LMDims.from_manifest(b0.manifest), b0.tokens_per_frame
+        probes, floors = [], {}
+        for r in ratios:
+            b = load_bundle(ws.bundles[r], verify=False)
+            gs = peers.GraphSessions(b, {"frame_step": b.graph_path("frame_step")}, self.device)
+            sp = peers.StepperProbes(gs.stepper(), warm, self.embeds, ids.interval_id)
+            probes.append(sp.frame(f"onsight r={r}"))
+            toks = [1 + (b.layout.k if i in b.layout.routed else N) for i in range(dims.layers)]
+            floors[f"onsight r={r}"] = report.step_floor(dims, toks, sp.lengths, 4)
+        name = "vision encoder (1 frame)"
+        probes.append(peers.Probe(name, lambda i: vis.encode(px[i % len(px)][None])))
+        floors[name] = report.vision_floor(ws.vision, b0.image_size, dims.hidden,
+                                           ws.projector_hidden)  # fmt: skip
+        fill = sum(len(t) + len(f) for t, f in warm)
+        dense = report.step_floor(dims, [1 + N] * dims.layers, [fill] * dims.layers, 4)
+        if ws.hf_lm:
+            tp = peers.TorchPeer(ws.hf_lm, warm, self.embeds, ids.interval_id)
+            probes += [tp.probe("torch eager (VideoLLM-online style)", last_only=False),
+                       tp.probe("torch eager (logits_to_keep=1)", last_only=True)]  # fmt: skip
+        if ws.optimum:
+            op = peers.OptimumPeer(ws.optimum, warm, N, ids.interval_id, dims.vocab)
+            probes.append(op.probe("optimum ORTModelForCausalLM"))
+            self.res["meta"]["notes"].append(
+                "optimum's ORTModelForCausalLM takes input_ids only, so each frame is fed as "
+                f"{N} stand-in token ids (same sequence length and compute as {N} vision tokens)"
+            )
+        floors.update({p.name: dense for p in probes if p.name.startswith(("torch", "optimum"))})
+        log.info("timing %d configurations x %d rounds, interleaved", len(probes), o.iters)
+        self._record(peers.interleave(probes, o.iters, o.warmup), floors)
 
-def _decode_token(b: Bundle) -> int:
-    return int(b.manifest["token_ids"]["interval"]) + 1
+    def variant(self, label: str, path: Path, int8: bool) -> None:
+        """Decode tokens/s (and for int8: prefill and vision) through the runtime's OrtSessions."""
+        from onsight.runtime.ort_backend import OrtSessions
 
+        b, px = load_bundle(path, verify=False), self.pixels
+        s = OrtSessions(b, self.device, use_overrides=int8)
+        ids = _template(b)
+        warm = peers.warm_stream(ids, self.embeds, self.o.fill_tokens)
+        sp = peers.StepperProbes(s.stepper(), warm, self.embeds, ids.interval_id)
+        token = int(b.manifest["token_ids"]["interval"]) + 1  # any ordinary token
+        probes = [sp.decode(f"decode 1 token, {label}", token)]
+        if int8:
+            probes += [sp.frame(f"onsight r={self.ws.ship_ratio} {label}"),
+                       peers.Probe(f"vision encoder (1 frame) {label}",
+                                   lambda i: s.encode(px[i % len(px)][None]))]  # fmt: skip
+        dims = report.LMDims.from_manifest(b.manifest)
+        floor = report.step_floor(dims, [1] * dims.layers, sp.lengths, 1 if int8 else 4)
+        self._record(peers.interleave(probes, self.o.iters, self.o.warmup), {probes[0].name: floor})
+        s.close()
 
-def measure_variant(label: str, path: Path, ws: Workspace, o: BenchOptions, device: str,
-                    frames: tuple[np.ndarray, np.ndarray], res: dict[str, Any], int8: bool) -> None:
-    """Decode tokens/s (and for int8: prefill and vision) through the runtime's OrtSessions."""
-    from onsight.runtime.ort_backend import OrtSessions
+    def runtime(self) -> None:
+        """Decode, then end to end on a real video and memory over a long stream (Assistant)."""
+        from onsight.runtime.assistant import Assistant, AssistantConfig
 
-    pixels, embeds = frames
-    b = load_bundle(path, verify=False)
-    s = OrtSessions(b, device, use_overrides=int8)
-    ids = _template(b)
-    sp = peers.StepperProbes(s.stepper(), peers.warm_stream(ids, embeds, o.fill_tokens), embeds,
-                             ids.interval_id)
-    probes = [sp.decode(f"decode 1 token, {label}", _decode_token(b))]
-    if int8:
-        probes += [sp.frame(f"onsight r={ws.ship_ratio} {label}"),
-                   peers.Probe(f"vision encoder (1 frame) {label}", lambda i: s.encode(
-                       pixels[i % len(pixels)][None]))]
-    for name, ms in peers.interleave(probes, o.iters, o.warmup).items():
-        res["other_steps"][name] = st = peers.summarize(ms)
-        if name.startswith("decode"):
-            st["tokens_per_s"] = 1e3 / st["median_ms"]
-    s.close()
-
-
-def measure_runtime(ws: Workspace, o: BenchOptions, device: str, frames, res) -> None:
-    from onsight.runtime.assistant import Assistant, AssistantConfig
-
-    variants = [("fp32", ws.bundles[ws.ship_ratio], False)]
-    if ws.int8:
-        variants.append(("int8", ws.int8, True))
-    for label, path, int8 in variants:
-        log.info("decode and runtime steps: %s r=%s", label, ws.ship_ratio)
-        measure_variant(label, path, ws, o, device, frames, res, int8)
-    modes = ["realtime", "fast", "fast+skip"]
-    if "prune_static_tokens" in {f.name for f in dataclasses.fields(AssistantConfig)}:
-        modes.append("fast+prune")  # the other training-free extra, once the runtime has it
-    runs = [(f"{lbl} r={ws.ship_ratio}", p, modes) for lbl, p, _ in variants]
-    if 1.0 in ws.bundles and ws.ship_ratio != 1.0 and not o.quick:
-        runs.append(("fp32 r=1.0", ws.bundles[1.0], ["fast"]))
-    for i, (label, path, modes) in enumerate(runs):
-        with Assistant(path, AssistantConfig(backend=o.backend, stats_every=10**9)) as a:
-            if ws.scripted:
-                b = a.bundle.manifest["token_ids"]
-                a._stepper.inner = peers.ScriptedSpeech(a._stepper.inner, int(b["interval"]),
-                                                        int(b["eos"]), o.speak_every,
-                                                        o.narration_tokens)
-            for mode in modes if o.video else []:
-                log.info("end to end: %s, %s, %d frames", label, mode, o.e2e_frames)
-                res["e2e"].append(peers.run_e2e(a, o.video, label, mode, o.e2e_frames))
-            if i == len(variants) - 1:  # the long stream on the lightest shipped variant
-                log.info("resident memory over a long stream: %s", label)
-                res["memory"] = peers.rss_stream(a, label, o.memory_frames)
-        gc.collect()
-
-
-def kv_table(ws: Workspace, budget_mb: float) -> dict[str, Any]:
-    budget = int(budget_mb * 2**20)
-    configs = {}
-    for r in sorted(ws.bundles, reverse=True):
-        lay = load_bundle(ws.bundles[r], verify=False).layout
-        mod = bool(lay.routed)
-        configs[f"r={r}" + (" (MoD)" if mod else " (dense)")] = {
-            "bytes_per_frame": lay.bytes_per_frame(mod=mod),
-            "frames_in_budget": lay.frames_in_budget(budget, mod=mod)}
-    lay = load_bundle(ws.bundles[ws.ship_ratio], verify=False).layout
-    dense, mod = lay.frames_in_budget(budget, mod=False), lay.frames_in_budget(budget, mod=True)
-    if not any(k.endswith("(dense)") for k in configs):
-        configs["dense"] = {"bytes_per_frame": lay.bytes_per_frame(mod=False), "frames_in_budget": dense}
-    return {"budget_mb": budget_mb, "configs": configs, "fit_ratio": mod / max(1, dense)}
+        ws, o = self.ws, self.o
+        variants = [("fp32", ws.bundles[ws.ship_ratio], False)]
+        variants += [("int8", ws.int8, True)] if ws.int8 else []
+        for label, path, int8 in variants:
+            log.info("decode and runtime steps: %s r=%s", label, ws.ship_ratio)
+            self.variant(label, path, int8)
+        modes = ["realtime", "fast", "fast+skip"]
+        if "prune_static_tokens" in {f.name for f in dataclasses.fields(AssistantConfig)}:
+            modes.append("fast+prune")  # the other training-free extra, once the runtime has it
+        runs = [(f"{lbl} r={ws.ship_ratio}", p, modes) for lbl, p, _ in variants]
+        if o.quick:
+            runs = runs[-1:]  # the lightest shipped variant only
+        elif 1.0 in ws.bundles and ws.ship_ratio != 1.0:
+            runs.append(("fp32 r=1.0", ws.bundles[1.0], ["fast"]))
+        memory_on = runs[-1 if o.quick else len(variants) - 1][0]
+        for label, path, run_modes in runs:
+            with Assistant(path, AssistantConfig(backend=o.backend, stats_every=10**9)) as a:
+                if ws.scripted:
+                    t = a.bundle.manifest["token_ids"]
+                    # no public hook yet: wrap the stepper the Assistant's loop calls
+                    a._stepper.inner = peers.ScriptedSpeech(
+                        a._stepper.inner, int(t["interval"]), int(t["eos"]), o.speak_every,
+                        o.narration_tokens)  # fmt: skip
+                for mode in run_modes if o.video else []:
+                    log.info("end to end: %s, %s, %d frames", label, mode, o.e2e_frames)
+                    self.res["e2e"].append(peers.run_e2e(a, o.video, label, mode, o.e2e_frames))
+                if label == memory_on:
+                    log.info("resident memory over a long stream: %s", label)
+                    self.res["memory"] = peers.rss_stream(a, label, o.memory_frames)
+            gc.collect()
 
 
 # ---- the command ----
-
-
-def _machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-
-
-def _versions() -> str:
-    import onnxruntime
-    import torch
-    import transformers
-
-    return (f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
 def parse_args(argv: list[str]) -> BenchOptions:
@@ -438,7 +388,9 @@ def parse_args(argv: list[str]) -> BenchOptions:
     p.add_argument("--backend", default="auto", help="auto | onnxruntime:cpu | onnxruntime:cuda")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/NAME)")
     p.add_argument("--cache-dir", type=Path, help="built bundles and peers (reused)")
-    p.add_argument("--video", type=Path, help="real video (default: the largest in ../shared/videos)")
+    p.add_argument(
+        "--video", type=Path, help="real video (default: the largest in ../shared/videos)"
+    )
     p.add_argument("--iters", type=int, help="timed rounds (default 20; 3 with --quick)")
     p.add_argument("--e2e-frames", type=int, help="frames per end-to-end run (default 40)")
     p.add_argument("--memory-frames", type=int, default=0, help="long stream length (0: evicts)")
@@ -447,39 +399,52 @@ def parse_args(argv: list[str]) -> BenchOptions:
     a = p.parse_args(argv)
     preset = None if a.engine else (a.preset or "demo")
     name = preset or a.engine.name
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(PRESETS[preset]) if preset
-                                    else str(a.engine.resolve()), default=str).encode())
-    cache = a.cache_dir or Path.home() / ".cache" / "onsight" / "bench" / f"{name}-{key.hexdigest()[:8]}"
-    video = peers.pick_video(a.video, SHARED_VIDEOS)
+    spec = dataclasses.asdict(PRESETS[preset]) if preset else str(a.engine.resolve())
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return BenchOptions(
-        preset=preset, engine=a.engine, backend=a.backend, video=video,
-        out=a.out or REPO / "bench" / "results" / name, cache=cache,
+        preset=preset, engine=a.engine, backend=a.backend,
+        out=a.out or REPO / "bench" / "results" / name,
+        cache=a.cache_dir or Path.home() / ".cache" / "onsight" / "bench" / f"{name}-{key}",
+        video=peers.pick_video(a.video, SHARED_VIDEOS),
         iters=a.iters or (3 if a.quick else 20), warmup=1 if a.quick else 3, quick=a.quick,
         e2e_frames=a.e2e_frames or (6 if a.quick else 40),
-        memory_frames=a.memory_frames or (12 if a.quick else 0), budget_mb=a.budget_mb)
+        memory_frames=a.memory_frames or (12 if a.quick else 0), budget_mb=a.budget_mb,
+    )  # fmt: skip
 
 
 def _device(backend: str) -> str:
-    dev = backend.split(":", 1)[1] if ":" in backend else "auto"
-    return dev.split(":")[0]
+    """`onnxruntime:cuda` -> cuda; `auto`, `onnxruntime` -> auto."""
+    return backend.split(":")[1] if ":" in backend else "auto"
 
 
 def _check_gpu(o: BenchOptions) -> None:
     import onnxruntime
 
-    if o.preset and PRESETS[o.preset].gpu_only and (
-            "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
-            or _device(o.backend) == "cpu"):
+    offered = onnxruntime.get_available_providers()
+    if not (o.preset and PRESETS[o.preset].gpu_only):
+        return
+    if "CUDAExecutionProvider" not in offered or _device(o.backend) == "cpu":
         raise OnsightError(
-            f"the {o.preset} preset is GPU only (about 16 GB of fp16 weights, minutes per frame "
-            "on a CPU): run it on a machine with an NVIDIA GPU and onnxruntime-gpu, with "
-            "--backend onnxruntime:cuda; this one offers "
-            f"{', '.join(onnxruntime.get_available_providers())}")
+            f"the {o.preset} preset is GPU only (16 GB of fp16 weights; seconds per frame on a "
+            "CPU): run it on a machine with an NVIDIA GPU and onnxruntime-gpu, with --backend "
+            f"onnxruntime:cuda; onnxruntime here offers {', '.join(offered)}"
+        )
+
+
+def _meta(o: BenchOptions, ws: Workspace) -> dict[str, Any]:
+    b = load_bundle(ws.bundles[ws.ship_ratio], verify=False)
+    return {
+        "preset": o.preset or str(o.engine), "machine": report.machine(),
+        "versions": report.versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "iters": o.iters, "warmup": o.warmup, "fill_tokens": o.fill_tokens,
+        "tokens_per_frame": b.tokens_per_frame, "backend": o.backend, "cache": str(o.cache),
+        "video": str(o.video) if o.video else None, "notes": list(ws.notes),
+        "load_average_start": os.getloadavg(),
+    }  # fmt: skip
 
 
 def run(o: BenchOptions) -> dict[str, Any]:
     _check_gpu(o)
-    device = _device(o.backend)
     demo = REPO / "engines" / "demo"
     if o.engine:
         ws = build_engine(o.engine, o.cache)
@@ -487,29 +452,26 @@ def run(o: BenchOptions) -> dict[str, Any]:
         ws = build_engine(demo, o.cache)
     else:
         ws = build_preset(PRESETS[o.preset or "demo"], o.cache)
-    b = load_bundle(ws.bundles[ws.ship_ratio], verify=False)
+    layouts = {r: load_bundle(p, verify=False).layout for r, p in ws.bundles.items()}
     res: dict[str, Any] = {
-        "meta": {"preset": o.preset or str(o.engine), "machine": _machine(),
-                 "versions": _versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
-                 "iters": o.iters, "warmup": o.warmup, "fill_tokens": o.fill_tokens,
-                 "tokens_per_frame": b.tokens_per_frame, "backend": o.backend,
-                 "cache": str(o.cache), "notes": list(ws.notes),
-                 "load_average_start": os.getloadavg()},
-        "ship_ratio": ws.ship_ratio, "prefill": {}, "other_steps": {}, "floors": {}, "e2e": [],
-        "kv": kv_table(ws, o.budget_mb), "memory": {},
-    }
+        "meta": _meta(o, ws), "ship_ratio": ws.ship_ratio, "prefill": {}, "other_steps": {},
+        "floors": {}, "e2e": [], "kv": report.kv_table(layouts, ws.ship_ratio, o.budget_mb),
+        "memory": {},
+    }  # fmt: skip
     log.info("measuring this machine's matmul and copy peaks")
     res["peaks"] = peers.machine_peaks(o.quick)
-    frames = measure_steps(ws, o, device, res)
+    bench = Bench(ws, o, res)
+    bench.steps()
     gc.collect()
+    notes = res["meta"]["notes"]
     if o.video is None:
-        res["meta"]["notes"].append(f"no real video ({SHARED_VIDEOS} is missing): end-to-end "
-                                    "runs skipped; steps measured on synthetic frames")
-    measure_runtime(ws, o, device, frames, res)
+        notes.append(f"no real video ({SHARED_VIDEOS} is missing): end-to-end runs skipped; "
+                     "steps measured on synthetic frames")  # fmt: skip
+    bench.runtime()
     if ws.scripted:
-        res["meta"]["notes"].append(
-            f"end to end: the model speaks after every {o.speak_every}th frame, "
-            f"{o.narration_tokens} tokens each (scripted; all compute runs)")
+        notes.append(f"random weights would speak after every frame, so the end-to-end runs "
+                     f"script the decision: speak after every {o.speak_every}th frame, "
+                     f"{o.narration_tokens} tokens each (all compute still runs)")  # fmt: skip
     return res
 
 

@@ -128,7 +128,8 @@ class GraphSessions:
         self.bundle = bundle
         self.providers = choose_providers(device)
         self.sessions = {
-            g: ort.InferenceSession(str(p), opts, providers=self.providers) for g, p in graphs.items()
+            g: ort.InferenceSession(str(p), opts, providers=self.providers)
+            for g, p in graphs.items()
         }
         self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
 
@@ -182,8 +183,9 @@ class StepperProbes:
 
     def frame(self, name: str) -> Probe:
         f = self.frames
-        return Probe(name, lambda i: self.s.frame([self.interval], f[i % len(f)], self.group),
-                     self._before)
+        return Probe(
+            name, lambda i: self.s.frame([self.interval], f[i % len(f)], self.group), self._before
+        )
 
     def decode(self, name: str, token: int) -> Probe:
         return Probe(name, lambda i: self.s.text([token], TURN, self.group), self._before)
@@ -220,8 +222,12 @@ class TorchPeer:
     def _step(self, i: int, last_only: bool) -> None:
         with self.torch.inference_mode():
             kw = {"logits_to_keep": 1} if last_only else {}
-            self.lm(inputs_embeds=self.inputs[i % len(self.inputs)], past_key_values=self.cache,
-                    use_cache=True, **kw)
+            self.lm(
+                inputs_embeds=self.inputs[i % len(self.inputs)],
+                past_key_values=self.cache,
+                use_cache=True,
+                **kw,
+            )
 
     def probe(self, name: str, last_only: bool) -> Probe:
         return Probe(name, lambda i: self._step(i, last_only), lambda i: self.cache.crop(self.fill))
@@ -243,8 +249,15 @@ class OptimumPeer:
     """ORTModelForCausalLM takes `input_ids` only (no `inputs_embeds`), so a frame is fed as
     N stand-in token ids: the same sequence length, hence the same compute in the decoder."""
 
-    def __init__(self, ort_dir: Path, warm: Sequence[Segment], tokens_per_frame: int,
-                 interval_id: int, vocab: int, provider: str = "CPUExecutionProvider"):
+    def __init__(
+        self,
+        ort_dir: Path,
+        warm: Sequence[Segment],
+        tokens_per_frame: int,
+        interval_id: int,
+        vocab: int,
+        provider: str = "CPUExecutionProvider",
+    ):
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -253,17 +266,23 @@ class OptimumPeer:
         rng = np.random.default_rng(0)
         stand_in = lambda: rng.integers(0, vocab, tokens_per_frame).tolist()  # noqa: E731
         warm_ids = [t for ids, _ in warm for t in [*ids, *stand_in()]]
-        out = self.model(input_ids=torch.tensor([warm_ids]),
-                         attention_mask=torch.ones(1, len(warm_ids), dtype=torch.int64),
-                         use_cache=True)
+        out = self.model(
+            input_ids=torch.tensor([warm_ids]),
+            attention_mask=torch.ones(1, len(warm_ids), dtype=torch.int64),
+            use_cache=True,
+        )
         self.past = out.past_key_values  # never extended: every call starts from the warm fill
         self.fill = len(warm_ids)
         self.ids = [torch.tensor([[interval_id, *stand_in()]]) for _ in range(4)]
         self.mask = torch.ones(1, self.fill + 1 + tokens_per_frame, dtype=torch.int64)
 
     def _step(self, i: int) -> None:
-        self.model(input_ids=self.ids[i % len(self.ids)], attention_mask=self.mask,
-                   past_key_values=self.past, use_cache=True)
+        self.model(
+            input_ids=self.ids[i % len(self.ids)],
+            attention_mask=self.mask,
+            past_key_values=self.past,
+            use_cache=True,
+        )
 
     def probe(self, name: str) -> Probe:
         return Probe(name, self._step)
@@ -334,13 +353,22 @@ def run_e2e(a, video: Path, label: str, mode: str, max_frames: int) -> dict[str,
     processed = a.stats().frames_processed - before
     skipped = getattr(a, "_skipped", 0) - skipped0  # no public counter of skipped frames yet
     handled = processed + skipped
-    return {"variant": label, "mode": mode, "video": video.name, "target_fps": a.fps,
-            "wall_s": wall, "fps_processed": processed / wall, "fps_handled": handled / wall,
-            "frames_processed": processed, "frames_skipped": skipped,
-            "frames_sampled": st.frames_sampled, "frames_dropped": st.frames_dropped,
-            # max_frames stops the run; the source may have sampled one more frame by then
-            "all_sampled_processed": st.frames_dropped == 0
-            and handled >= min(st.frames_sampled, max_frames)}
+    return {
+        "variant": label,
+        "mode": mode,
+        "video": video.name,
+        "target_fps": a.fps,
+        "wall_s": wall,
+        "fps_processed": processed / wall,
+        "fps_handled": handled / wall,
+        "frames_processed": processed,
+        "frames_skipped": skipped,
+        "frames_sampled": st.frames_sampled,
+        "frames_dropped": st.frames_dropped,
+        # max_frames stops the run; the source may have sampled one more frame by then
+        "all_sampled_processed": st.frames_dropped == 0
+        and handled >= min(st.frames_sampled, max_frames),
+    }
 
 
 def synthetic_frame(i: int, shape: tuple[int, int] = (480, 640)) -> np.ndarray:
@@ -374,8 +402,14 @@ def rss_stream(a, label: str, frames: int) -> dict[str, Any]:
             gpu = f"torch CUDA allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
     except ImportError:
         pass
-    return {"variant": label, "frames": frames, "evictions": st.evictions, "samples": samples,
-            "kv_total_mb": a.bundle.layout.total_bytes() / 2**20, "gpu": gpu}
+    return {
+        "variant": label,
+        "frames": frames,
+        "evictions": st.evictions,
+        "samples": samples,
+        "kv_total_mb": a.bundle.layout.total_bytes() / 2**20,
+        "gpu": gpu,
+    }
 
 
 # ---- this machine's peaks: the denominators of achieved / floor ----
@@ -398,9 +432,12 @@ def _ort_matmul(n: int) -> Callable[[], object]:
 
     b = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n), np.float32), "B")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["Y"])], "mm",
+        [helper.make_node("MatMul", ["A", "B"], ["Y"])],
+        "mm",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [b])
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])],
+        [b],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from onsight.runtime.kv_cache import KVLayout
 
 # ---- floors: the work a step cannot avoid, from the model's dims ----
 
@@ -27,9 +31,15 @@ class LMDims:
     @classmethod
     def from_manifest(cls, m: dict[str, Any]) -> LMDims:
         d = m["model"]
-        return cls(int(d["hidden_size"]), int(d["num_layers"]), int(d["num_heads"]),
-                   int(d["num_kv_heads"]), int(d["head_dim"]), int(d["intermediate_size"]),
-                   int(d["vocab_size"]))
+        return cls(
+            int(d["hidden_size"]),
+            int(d["num_layers"]),
+            int(d["num_heads"]),
+            int(d["num_kv_heads"]),
+            int(d["head_dim"]),
+            int(d["intermediate_size"]),
+            int(d["vocab_size"]),
+        )
 
     @property
     def layer_params(self) -> int:
@@ -42,8 +52,9 @@ class LMDims:
         return 2 * self.kv_heads * self.head_dim * itemsize
 
 
-def step_floor(d: LMDims, tokens: Sequence[int], ctx: Sequence[int], weight_bytes: float,
-               kv_bytes: int = 4) -> dict[str, float]:
+def step_floor(
+    d: LMDims, tokens: Sequence[int], ctx: Sequence[int], weight_bytes: float, kv_bytes: int = 4
+) -> dict[str, float]:
     """One decoder step: `tokens[i]` tokens go through layer i, which attends over `ctx[i]`
     cached tokens. FLOPs = 2 * weights touched * tokens + attention (QK^T and PV) + the
     lm_head on the last token only; bytes = every weight read once + the KV read and written."""
@@ -55,8 +66,9 @@ def step_floor(d: LMDims, tokens: Sequence[int], ctx: Sequence[int], weight_byte
     return {"gflop": flops / 1e9, "mbytes": (weights + kv) / 1e6}
 
 
-def vision_floor(vision: dict[str, Any] | None, image_size: int, llm_hidden: int,
-                 projector_hidden: int = 0) -> dict[str, float] | None:
+def vision_floor(
+    vision: dict[str, Any] | None, image_size: int, llm_hidden: int, projector_hidden: int = 0
+) -> dict[str, float] | None:
     """One frame through the tower, the pooling matrix and the projector (None: dims unknown)."""
     if not vision:
         return None
@@ -78,11 +90,17 @@ def vision_floor(vision: dict[str, Any] | None, image_size: int, llm_hidden: int
         hf = vision.get("hf_config") or {}
         if not hf:
             return None
-        p, inter, layers = int(hf["patch_size"]), int(hf["intermediate_size"]), int(hf["num_hidden_layers"])
+        p, inter, layers = (
+            int(hf["patch_size"]),
+            int(hf["intermediate_size"]),
+            int(hf["num_hidden_layers"]),
+        )
         patches = (int(hf["image_size"]) // p) ** 2
         layer = 4 * h * h + 2 * h * inter
         params = 3 * p * p * h + layers * layer
-        flops = 2.0 * 3 * p * p * h * patches + layers * (2.0 * layer * patches + 4.0 * patches**2 * h)
+        flops = 2.0 * 3 * p * p * h * patches + layers * (
+            2.0 * layer * patches + 4.0 * patches**2 * h
+        )
         if vision["kind"] == "siglip":  # attention-pooling head: k, v over every patch + MLP
             params += 4 * h * h + 2 * h * inter
             flops += 2.0 * 2 * h * h * patches + 2.0 * (2 * h * h + 2 * h * inter)
@@ -97,8 +115,61 @@ def efficiency(floor: dict[str, float] | None, median_ms: float, peaks: dict[str
         return {}
     s = median_ms / 1e3
     t_floor = max(floor["gflop"] / peaks["peak_gflops"], floor["mbytes"] / 1e3 / peaks["copy_gbps"])
-    return {**floor, "achieved_gflops": floor["gflop"] / s, "floor_ms": t_floor * 1e3,
-            "of_floor": t_floor / s}
+    return {
+        **floor,
+        "achieved_gflops": floor["gflop"] / s,
+        "floor_ms": t_floor * 1e3,
+        "of_floor": t_floor / s,
+    }
+
+
+# ---- KV cache and the environment ----
+
+
+def kv_table(layouts: dict[float, KVLayout], ship: float, budget_mb: float) -> dict[str, Any]:
+    """KV bytes per frame and frames that fit in the budget, per keep ratio and dense."""
+    budget = int(budget_mb * 2**20)
+    configs = {}
+    for r in sorted(layouts, reverse=True):
+        lay, mod = layouts[r], bool(layouts[r].routed)
+        configs[f"r={r}" + (" (MoD)" if mod else " (dense)")] = {
+            "bytes_per_frame": lay.bytes_per_frame(mod=mod),
+            "frames_in_budget": lay.frames_in_budget(budget, mod=mod),
+        }
+    lay = layouts[ship]
+    dense, mod = lay.frames_in_budget(budget, mod=False), lay.frames_in_budget(budget, mod=True)
+    if not any(k.endswith("(dense)") for k in configs):
+        configs["dense"] = {
+            "bytes_per_frame": lay.bytes_per_frame(mod=False),
+            "frames_in_budget": dense,
+        }
+    return {"budget_mb": budget_mb, "configs": configs, "fit_ratio": mod / max(1, dense)}
+
+
+def machine() -> str:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+
+
+def versions() -> str:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return (
+        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
 
 
 # ---- targets (issue 7): measured, then compared ----
@@ -113,36 +184,68 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, target: str, ok: bool | None, note: str = "") -> None:
-        rows.append({"target": name, "value": value, "goal": target, "status": _status(value, ok),
-                     "note": note})
+        rows.append(
+            {
+                "target": name,
+                "value": value,
+                "goal": target,
+                "status": _status(value, ok),
+                "note": note,
+            }
+        )
 
-    full, mod = pre.get("onsight r=1.0"), pre.get(f"onsight r={r['ship_ratio']}")
+    ship = f"onsight r={r['ship_ratio']}"
+    full, mod = pre.get("onsight r=1.0"), pre.get(ship)
     ratio = mod / full if full and mod and r["ship_ratio"] < 1.0 else None
+    fl = r.get("floors", {})
+    g_full, g_mod = (fl.get(k, {}).get("gflop") for k in ("onsight r=1.0", ship))
+    note = f"FLOP floor ratio {g_mod / g_full:.2f}x" if g_full and g_mod else ""
     add(f"MoD r={r['ship_ratio']} prefill / r=1.0", ratio, "<= 0.65x",
-        None if ratio is None else ratio <= 0.65, "FLOP floor ratio in the floors table")
-    for peer, label in (("torch eager (VideoLLM-online style)", "PyTorch eager"),
-                        ("torch eager (logits_to_keep=1)", "PyTorch eager, last logits only")):
+        None if ratio is None else ratio <= 0.65, note)  # fmt: skip
+    for peer, label in (
+        ("torch eager (VideoLLM-online style)", "PyTorch eager"),
+        ("torch eager (logits_to_keep=1)", "PyTorch eager, last logits only"),
+    ):
         for cfg in (f"onsight r={r['ship_ratio']}", "onsight r=1.0"):
             p, o = pre.get(peer), pre.get(cfg)
             v = p / o if p and o else None
             shipped = cfg != "onsight r=1.0" or r["ship_ratio"] == 1.0
-            add(f"{cfg} vs {label}: speed-up", v, ">= 1.5x" if shipped else "(same compute, info)",
-                (v >= 1.5) if (v is not None and shipped) else None)
+            add(
+                f"{cfg} vs {label}: speed-up",
+                v,
+                ">= 1.5x" if shipped else "(same compute, info)",
+                (v >= 1.5) if (v is not None and shipped) else None,
+            )
     for cfg in (f"onsight r={r['ship_ratio']}", "onsight r=1.0"):
         p, o = pre.get("optimum ORTModelForCausalLM"), pre.get(cfg)
         v = p / o if p and o else None
         add(f"{cfg} vs optimum: speed-up", v, "> 1.0x", None if v is None else v > 1.0)
-    rt = next((e for e in r.get("e2e", []) if e["variant"].startswith("int8")
-               and e["mode"] == "realtime"), None)
-    add("int8 end to end, real time", rt["fps_processed"] if rt else None,
+    rt = next(
+        (
+            e
+            for e in r.get("e2e", [])
+            if e["variant"].startswith("int8") and e["mode"] == "realtime"
+        ),
+        None,
+    )
+    add(
+        "int8 end to end, real time",
+        rt["fps_processed"] if rt else None,
         ">= 2 frames/s, every sampled frame processed",
         (rt["target_fps"] >= 2.0 and rt["all_sampled_processed"]) if rt else None,
         f"{rt['frames_processed']} frames processed at the bundle's {rt['target_fps']} fps, "
-        f"{rt['frames_dropped']} dropped" if rt else "no int8 bundle or no video")
+        f"{rt['frames_dropped']} dropped"
+        if rt
+        else "no int8 bundle or no video",
+    )
     kv = r.get("kv", {})
     v = kv.get("fit_ratio")
-    add(f"KV frames in {kv.get('budget_mb', 0):.0f} MiB, MoD / dense", v, ">= 1.6x",
-        None if v is None else v >= 1.6)
+    add(
+        f"KV frames in {kv.get('budget_mb', 0):.0f} MiB, MoD / dense",
+        v,
+        ">= 1.6x",
+        None if v is None else v >= 1.6,
+    )
     return rows
 
 
@@ -167,62 +270,129 @@ def _g(x: float | None) -> str:
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |"
-            for row in rows]
+    out += [
+        "| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |"
+        for row in rows
+    ]
     return out + [""]
 
 
 def markdown(r: dict[str, Any]) -> str:
     m = r["meta"]
-    lines = [f"# onsight bench: preset `{m['preset']}`", "",
-             f"{m['machine']}; {m['versions']}; {m['date']}; {m['iters']} timed iterations "
-             f"(+{m['warmup']} warm-up) interleaved round-robin; cache fill {m['fill_tokens']} "
-             f"tokens; {m['tokens_per_frame']} tokens per frame; load average "
-             f"{_load(m.get('load_average_start'))} at start, {_load(m.get('load_average_end'))} "
-             f"at end (the cores may be shared).", "",
-             "## Per-frame steps (median and p95 over interleaved runs)", ""]
+    lines = [
+        f"# onsight bench: preset `{m['preset']}`",
+        "",
+        f"{m['machine']}; {m['versions']}; {m['date']}; {m['iters']} timed iterations "
+        f"(+{m['warmup']} warm-up) interleaved round-robin; cache fill {m['fill_tokens']} "
+        f"tokens; {m['tokens_per_frame']} tokens per frame; load average "
+        f"{_load(m.get('load_average_start'))} at start, {_load(m.get('load_average_end'))} "
+        f"at end (the cores may be shared).",
+        "",
+        "## Per-frame steps (median and p95 over interleaved runs)",
+        "",
+    ]
     rows = []
     base = r.get("prefill", {}).get("onsight r=1.0", {}).get("median_ms")
     for name, s in {**r.get("prefill", {}), **r.get("other_steps", {})}.items():
         e = r.get("floors", {}).get(name, {})
-        rows.append([name, s["median_ms"], s["p95_ms"],
-                     f"{s['median_ms'] / base:.2f}x" if base and name in r["prefill"] else "-",
-                     _g(e.get("gflop")), _g(e.get("achieved_gflops")), _g(e.get("floor_ms")),
-                     f"{100 * e['of_floor']:.0f}%" if e else "-"])
-    lines += _table(["step", "median ms", "p95 ms", "time / onsight r=1.0", "GFLOP",
-                     "achieved GFLOP/s", "floor ms", "floor / achieved"], rows)
+        rows.append(
+            [
+                name,
+                s["median_ms"],
+                s["p95_ms"],
+                f"{s['median_ms'] / base:.2f}x" if base and name in r["prefill"] else "-",
+                _g(e.get("gflop")),
+                _g(e.get("achieved_gflops")),
+                _g(e.get("floor_ms")),
+                f"{100 * e['of_floor']:.0f}%" if e else "-",
+            ]
+        )
+    lines += _table(
+        [
+            "step",
+            "median ms",
+            "p95 ms",
+            "time / onsight r=1.0",
+            "GFLOP",
+            "achieved GFLOP/s",
+            "floor ms",
+            "floor / achieved",
+        ],
+        rows,
+    )
     if r.get("e2e"):
-        lines += ["## End to end (Assistant.narrate on a real video, capture and decoding included)",
-                  ""]
+        lines += [
+            "## End to end (Assistant.narrate on a real video, capture and decoding included)",
+            "",
+        ]
         lines += _table(
-            ["variant", "mode", "frames/s processed", "frames/s handled", "processed", "sampled",
-             "skipped", "dropped", "every sampled frame processed"],
-            [[e["variant"], e["mode"], e["fps_processed"], e["fps_handled"], e["frames_processed"],
-              e["frames_sampled"], e["frames_skipped"], e["frames_dropped"],
-              "yes" if e["all_sampled_processed"] else "no"] for e in r["e2e"]])
+            [
+                "variant",
+                "mode",
+                "frames/s processed",
+                "frames/s handled",
+                "processed",
+                "sampled",
+                "skipped",
+                "dropped",
+                "every sampled frame processed",
+            ],
+            [
+                [
+                    e["variant"],
+                    e["mode"],
+                    e["fps_processed"],
+                    e["fps_handled"],
+                    e["frames_processed"],
+                    e["frames_sampled"],
+                    e["frames_skipped"],
+                    e["frames_dropped"],
+                    "yes" if e["all_sampled_processed"] else "no",
+                ]
+                for e in r["e2e"]
+            ],
+        )
     kv = r.get("kv", {})
     if kv:
         lines += [f"## KV cache ({kv['budget_mb']:.0f} MiB budget)", ""]
-        lines += _table(["config", "KV bytes per frame", "frames in budget"],
-                        [[k, v["bytes_per_frame"], v["frames_in_budget"]]
-                         for k, v in kv["configs"].items()])
+        lines += _table(
+            ["config", "KV bytes per frame", "frames in budget"],
+            [[k, v["bytes_per_frame"], v["frames_in_budget"]] for k, v in kv["configs"].items()],
+        )
     mem = r.get("memory", {})
     if mem.get("samples"):
         rss = [s["rss_mb"] for s in mem["samples"]]
-        lines += ["## Resident memory over a long stream", "",
-                  f"{mem['variant']}: {mem['frames']} frames pushed, {mem['evictions']} "
-                  f"evictions, RSS {min(rss):.0f} -> {max(rss):.0f} MiB (first {rss[0]:.0f}, "
-                  f"last {rss[-1]:.0f}); {mem.get('gpu', 'no GPU')}.", ""]
+        lines += [
+            "## Resident memory over a long stream",
+            "",
+            f"{mem['variant']}: {mem['frames']} frames pushed, {mem['evictions']} "
+            f"evictions, RSS {min(rss):.0f} -> {max(rss):.0f} MiB (first {rss[0]:.0f}, "
+            f"last {rss[-1]:.0f}); {mem.get('gpu', 'no GPU')}.",
+            "",
+        ]
     lines += ["## Targets (issue 7)", ""]
-    lines += _table(["target", "measured", "goal", "status", "note"],
-                    [[t["target"], t["value"] if t["value"] is None else f"{t['value']:.2f}",
-                      t["goal"], f"**{t['status']}**", t["note"]] for t in r["targets"]])
+    lines += _table(
+        ["target", "measured", "goal", "status", "note"],
+        [
+            [
+                t["target"],
+                t["value"] if t["value"] is None else f"{t['value']:.2f}",
+                t["goal"],
+                f"**{t['status']}**",
+                t["note"],
+            ]
+            for t in r["targets"]
+        ],
+    )
     pk = r.get("peaks", {})
     if pk:
-        lines += [f"Peaks on this machine: matmul {pk['peak_gflops']:.0f} GFLOP/s fp32 (numpy "
-                  f"{pk['numpy_gflops']:.0f}, onnxruntime {pk['ort_gflops']:.0f}), copy "
-                  f"{pk['copy_gbps']:.1f} GB/s. Floors count matmul FLOPs (2 x weights touched x "
-                  "tokens + attention + last-token lm_head) and bytes (weights read once + KV).", ""]
+        lines += [
+            f"Peaks on this machine: matmul {pk['peak_gflops']:.0f} GFLOP/s fp32 (numpy "
+            f"{pk['numpy_gflops']:.0f}, onnxruntime {pk['ort_gflops']:.0f}), copy "
+            f"{pk['copy_gbps']:.1f} GB/s. Floors count matmul FLOPs (2 x weights touched x "
+            "tokens + attention + last-token lm_head) and bytes (weights read once + KV).",
+            "",
+        ]
     lines += ["## Notes", ""] + [f"- {n}" for n in m.get("notes", [])] + [""]
     return "\n".join(lines)
 
@@ -252,6 +422,8 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
         err = [steps[n]["p95_ms"] - steps[n]["median_ms"] for n in names]
         ax.barh(names, med, xerr=[[0] * len(med), err], color="tab:blue", capsize=3)
         ax.invert_yaxis()
+        if max(med) > 30 * max(min(med), 1e-3):
+            ax.set_xscale("log")  # sub-ms steps beside second-long peers
         ax.set_xlabel("ms per call (bar: median, whisker: p95)")
         ax.set_title(f"{r['meta']['preset']}: per-frame steps")
         save(fig, "steps.png")

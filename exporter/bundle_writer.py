@@ -68,7 +68,9 @@ def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
             layers = parse_mod_layers(opts.mod_layers, cfg.num_layers)
         elif not layers and (opts.keep_ratio or 1.0) < 1.0:
             layers = parse_mod_layers("interleaved", cfg.num_layers)
-        router = opts.router or (cfg.mod.router if cfg.has_layer_experts or cfg.mod.router != "learned" else "novelty")
+        router = opts.router or (
+            cfg.mod.router if cfg.has_layer_experts or cfg.mod.router != "learned" else "novelty"
+        )
         if router == "learned" and not cfg.has_layer_experts:
             raise ExportError(
                 "--router learned needs LayerExpert weights, which this checkpoint lacks; "
@@ -94,7 +96,9 @@ def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
             use_pooled, grid = parse_tokens_per_frame(opts.tokens_per_frame)
         except ValueError as e:
             raise ExportError(f"--tokens-per-frame: {e}") from e
-        new_cfg = new_cfg.replace(vision=dataclasses.replace(cfg.vision, grid=grid, use_pooled=use_pooled))
+        new_cfg = new_cfg.replace(
+            vision=dataclasses.replace(cfg.vision, grid=grid, use_pooled=use_pooled)
+        )
     out = model.with_config(new_cfg)
     if new_cfg.vision != cfg.vision:
         try:
@@ -107,7 +111,12 @@ def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
 
 
 def _manifest(
-    model: StreamingModel, tokenizer_json: Path, layout, graphs: dict, opts: ExportOptions, name: str
+    model: StreamingModel,
+    tokenizer_json: Path,
+    layout,
+    graphs: dict,
+    opts: ExportOptions,
+    name: str,
 ) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
@@ -160,7 +169,11 @@ def _manifest(
             "capacity_mod": layout.capacity_mod,
             "routed_layers": list(layout.routed),
             "layers": [
-                {"index": i, "group": "mod" if i in layout.routed else "dense", "capacity": layout.capacity(i)}
+                {
+                    "index": i,
+                    "group": "mod" if i in layout.routed else "dense",
+                    "capacity": layout.capacity(i),
+                }
                 for i in range(layout.num_layers)
             ],
             "bytes_per_frame_dense": layout.bytes_per_frame(mod=False),
@@ -218,7 +231,9 @@ def export_bundle(
     say = progress or (lambda msg: log.info("%s", msg))
     out = Path(out)
     if out.exists():
-        raise ExportError(f"output directory {out} already exists; choose another --out or delete it")
+        raise ExportError(
+            f"output directory {out} already exists; choose another --out or delete it"
+        )
     if opts.dtype not in ("fp32", "fp16"):
         raise ExportError(f"--dtype {opts.dtype!r}: use fp32 or fp16")
     model = apply_options(model, opts)
@@ -247,17 +262,26 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         t0 = time.perf_counter()
-        say(f"[1/4] exporting graphs (keep ratio {model.cfg.mod.keep_ratio}, k={layout.k} of "
-            f"{layout.tokens_per_frame}, routed layers {list(layout.routed)}, {opts.dtype})")
+        say(
+            f"[1/4] exporting graphs (keep ratio {model.cfg.mod.keep_ratio}, k={layout.k} of "
+            f"{layout.tokens_per_frame}, routed layers {list(layout.routed)}, {opts.dtype})"
+        )
         export_model = model if dtype == torch.float32 else _copy_to(model, dtype)
         graphs = export_graphs(export_model, layout, tmp, dtype)
         say(f"      graphs written in {time.perf_counter() - t0:.1f} s")
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-        manifest = _manifest(model, Path(tokenizer_json), layout, graphs, opts, opts.name or out.name)
+        manifest = _manifest(
+            model, Path(tokenizer_json), layout, graphs, opts, opts.name or out.name
+        )
         write_manifest(tmp, manifest)
         say(f"[2/4] parity: onnxruntime vs PyTorch on a {opts.parity_frames}-frame stream")
-        parity = run_parity(model, tmp, opts.dtype, frames=opts.parity_frames,
-                            policy=EvictionPolicy(keep_text_tokens=opts.keep_text_tokens))
+        parity = run_parity(
+            model,
+            tmp,
+            opts.dtype,
+            frames=opts.parity_frames,
+            policy=EvictionPolicy(keep_text_tokens=opts.keep_text_tokens),
+        )
         manifest["parity"] = parity
         if not parity["passed"]:
             raise ExportError(
@@ -265,8 +289,10 @@ def export_bundle(
                 f"{parity['tolerance']:.1e}, decisions equal: {parity['same_decisions']}, tokens "
                 f"equal: {parity['same_tokens']}); the bundle was not written. Please report this."
             )
-        say(f"      max |logit error| {parity['max_abs_logit_error']:.2e} (tolerance "
-            f"{parity['tolerance']:.0e}), {parity['steps']} steps, decisions and tokens equal")
+        say(
+            f"      max |logit error| {parity['max_abs_logit_error']:.2e} (tolerance "
+            f"{parity['tolerance']:.0e}), {parity['steps']} steps, decisions and tokens equal"
+        )
         say("[3/4] writing bundle.json with checksums")
         write_manifest(tmp, manifest)
         say(f"[4/4] publishing {out}")

@@ -59,9 +59,7 @@ class ModConfig:
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep ratio must be in (0, 1], got {self.keep_ratio}")
         if self.router not in ("learned", "novelty", "norm"):
-            raise ValueError(
-                f"unknown router {self.router!r}: use learned, novelty or norm"
-            )
+            raise ValueError(f"unknown router {self.router!r}: use learned, novelty or norm")
 
     def k(self, tokens_per_frame: int) -> int:
         """Vision tokens per frame that a routed layer keeps: ceil(r * N)."""
@@ -203,6 +201,8 @@ class ModelConfig:
         try:
             return cls.from_dict(json.loads(path.read_text()), source=str(path))
         except FileNotFoundError as e:
-            raise CheckpointError(f"{path}: missing; an onsight checkpoint needs config.json") from e
+            raise CheckpointError(
+                f"{path}: missing; an onsight checkpoint needs config.json"
+            ) from e
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from e

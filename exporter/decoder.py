@@ -115,7 +115,9 @@ class ModDecoder(nn.Module):
         self.router = cfg.mod.router
         self.k = cfg.k
         self.experts = nn.ModuleDict(
-            {str(i): LayerExpert(c.hidden_size) for i in self.routed} if cfg.has_layer_experts else {}
+            {str(i): LayerExpert(c.hidden_size) for i in self.routed}
+            if cfg.has_layer_experts
+            else {}
         )
 
     # ---- pieces ----
@@ -128,7 +130,12 @@ class ModDecoder(nn.Module):
         return x * cos + rotate_half(x) * sin
 
     def attention(
-        self, layer: nn.Module, h: torch.Tensor, positions: torch.Tensor, past: Past, mask: torch.Tensor
+        self,
+        layer: nn.Module,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        past: Past,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: (T, hidden) normed input. Returns (output (T, hidden), new_k, new_v (Hkv, T, D))."""
         attn = layer.self_attn

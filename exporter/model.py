@@ -91,10 +91,14 @@ def load_native(path: str | Path) -> tuple[StreamingModel, Path]:
     # Tied embeddings are stored once; accept their absence.
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing:
-        raise CheckpointError(f"{d / 'model.safetensors'}: missing tensor {missing[0]!r} (and {len(missing) - 1} more)")
+        raise CheckpointError(
+            f"{d / 'model.safetensors'}: missing tensor {missing[0]!r} (and {len(missing) - 1} more)"
+        )
     for k, v in state.items():
         if k not in expected:
-            raise CheckpointError(f"{d / 'model.safetensors'}: unexpected tensor {k!r}; does config.json match?")
+            raise CheckpointError(
+                f"{d / 'model.safetensors'}: unexpected tensor {k!r}; does config.json match?"
+            )
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(
                 f"{d / 'model.safetensors'}: tensor {k!r} has shape {tuple(v.shape)}, config.json "

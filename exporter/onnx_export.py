@@ -43,7 +43,10 @@ class _StepBase(nn.Module):
 
     def _past(self, dense_mask, mod_mask, flat):
         past = [(flat[2 * i], flat[2 * i + 1]) for i in range(self.layout.num_layers)]
-        masks = [mod_mask if i in self.layout.routed else dense_mask for i in range(self.layout.num_layers)]
+        masks = [
+            mod_mask if i in self.layout.routed else dense_mask
+            for i in range(self.layout.num_layers)
+        ]
         return past, masks
 
 
@@ -55,7 +58,16 @@ class TextStepGraph(_StepBase):
 
 
 class FrameStepGraph(_StepBase):
-    def forward(self, input_ids, frame_embeds, prev_frame_embeds, position_ids, dense_mask, mod_mask, *flat_past):
+    def forward(
+        self,
+        input_ids,
+        frame_embeds,
+        prev_frame_embeds,
+        position_ids,
+        dense_mask,
+        mod_mask,
+        *flat_past,
+    ):
         past, masks = self._past(dense_mask, mod_mask, flat_past)
         logits, nk, nv, kept = self.dec.frame_step(
             input_ids, frame_embeds, prev_frame_embeds, position_ids, past, masks
@@ -79,7 +91,9 @@ def _example_past(layout: KVLayout, dtype: torch.dtype) -> list[torch.Tensor]:
     ]
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+def _export(
+    module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict
+) -> None:
     """TorchScript-based exporter: fast, single file (no external data below 2 GB), and with our
     own attention (no HF mask helpers) it keeps the dynamic axes we name."""
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
@@ -104,7 +118,9 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 @torch.no_grad()
-def export_graphs(model: StreamingModel, layout: KVLayout, out_dir: Path, dtype: torch.dtype) -> dict[str, dict]:
+def export_graphs(
+    model: StreamingModel, layout: KVLayout, out_dir: Path, dtype: torch.dtype
+) -> dict[str, dict]:
     """Write vision.onnx, text_step.onnx and frame_step.onnx; returns their IO description."""
     model = model.to(dtype).eval()
     cfg = model.cfg
@@ -113,13 +129,22 @@ def export_graphs(model: StreamingModel, layout: KVLayout, out_dir: Path, dtype:
     graphs: dict[str, dict] = {}
 
     frames = torch.zeros(2, S, S, 3, dtype=torch.uint8)
-    _export(VisionGraph(model), (frames,), out_dir / "vision.onnx", ["frames"], ["frame_embeds"],
-            {"frames": {0: "batch"}, "frame_embeds": {0: "batch"}})
+    _export(
+        VisionGraph(model),
+        (frames,),
+        out_dir / "vision.onnx",
+        ["frames"],
+        ["frame_embeds"],
+        {"frames": {0: "batch"}, "frame_embeds": {0: "batch"}},
+    )
     graphs["vision"] = {"file": "vision.onnx", "inputs": ["frames"], "outputs": ["frame_embeds"]}
 
     past = _example_past(layout, dtype)
     pnames, nnames = past_names(L), new_names(L)
-    masks = (torch.ones(layout.capacity_dense, dtype=torch.bool), torch.ones(layout.capacity_mod, dtype=torch.bool))
+    masks = (
+        torch.ones(layout.capacity_dense, dtype=torch.bool),
+        torch.ones(layout.capacity_mod, dtype=torch.bool),
+    )
     # an example of 3 text tokens (not 1) so no dimension is frozen to the example
     ids = torch.tensor([1, 2, 3], dtype=torch.int64)
     pos = torch.tensor([0, 1, 2], dtype=torch.int64)
@@ -127,20 +152,41 @@ def export_graphs(model: StreamingModel, layout: KVLayout, out_dir: Path, dtype:
     t_out = ["logits", *nnames]
     dyn = {"input_ids": {0: "tokens"}, "position_ids": {0: "tokens"}}
     dyn.update({n: {1: "tokens"} for n in nnames})
-    _export(TextStepGraph(model, layout), (ids, pos, *masks, *past), out_dir / "text_step.onnx", t_in, t_out, dyn)
+    _export(
+        TextStepGraph(model, layout),
+        (ids, pos, *masks, *past),
+        out_dir / "text_step.onnx",
+        t_in,
+        t_out,
+        dyn,
+    )
     graphs["text_step"] = {"file": "text_step.onnx", "inputs": t_in, "outputs": t_out}
 
     emb = torch.randn(N, hidden, dtype=dtype)
     fpos = torch.arange(3 + N, dtype=torch.int64)
     kept_names = [f"kept_{i}" for i in model.decoder.routed]
-    f_in = ["input_ids", "frame_embeds", "prev_frame_embeds", "position_ids", "dense_mask", "mod_mask", *pnames]
+    f_in = [
+        "input_ids",
+        "frame_embeds",
+        "prev_frame_embeds",
+        "position_ids",
+        "dense_mask",
+        "mod_mask",
+        *pnames,
+    ]
     f_out = ["logits", *nnames, *kept_names]
     dyn = {"input_ids": {0: "text_tokens"}, "position_ids": {0: "step_tokens"}}
     for i in range(L):
         axis = "routed_tokens" if i in layout.routed else "step_tokens"
         dyn[f"new_key_{i}"] = {1: axis}
         dyn[f"new_value_{i}"] = {1: axis}
-    _export(FrameStepGraph(model, layout), (ids, emb, torch.randn(N, hidden, dtype=dtype), fpos, *masks, *past),
-            out_dir / "frame_step.onnx", f_in, f_out, dyn)
+    _export(
+        FrameStepGraph(model, layout),
+        (ids, emb, torch.randn(N, hidden, dtype=dtype), fpos, *masks, *past),
+        out_dir / "frame_step.onnx",
+        f_in,
+        f_out,
+        dyn,
+    )
     graphs["frame_step"] = {"file": "frame_step.onnx", "inputs": f_in, "outputs": f_out}
     return graphs

@@ -74,8 +74,13 @@ def run_parity(
 
     tok = Tokenizer.from_file(str(bundle.tokenizer_path))
     ids = build_template_ids(tok, bundle.template)
-    ref = reference_loop(model, bundle.tokenizer_path, capacity=bundle.layout.capacity_dense,
-                         policy=policy, max_new_tokens=PARITY_MAX_NEW_TOKENS)
+    ref = reference_loop(
+        model,
+        bundle.tokenizer_path,
+        capacity=bundle.layout.capacity_dense,
+        policy=policy,
+        max_new_tokens=PARITY_MAX_NEW_TOKENS,
+    )
     rt = StreamLoop(
         sessions.stepper(policy),
         ids,

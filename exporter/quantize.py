@@ -43,7 +43,10 @@ def _quantize_graph(src: Path, dst: Path) -> None:
         onnx.save(model, str(clean))
         try:
             quantize_dynamic(
-                str(clean), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                str(clean),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
                 op_types_to_quantize=["MatMul", "Gemm"],
             )
         finally:
@@ -78,14 +81,16 @@ def top1_agreement(bundle_dir: Path, frames: int = 16) -> dict[str, Any]:
     int8 = OrtSessions(bundle, "cpu", use_overrides=True)
     pixels = parity_frames(frames, bundle.image_size, seed=1)
     emb = fp32.encode(pixels)
-    vision_agree = float(np.mean(
-        np.sign(emb) == np.sign(int8.encode(pixels))
-    ))
+    vision_agree = float(np.mean(np.sign(emb) == np.sign(int8.encode(pixels))))
     tok = Tokenizer.from_file(str(bundle.tokenizer_path))
     rec = _Replay(fp32.stepper())
-    loop = StreamLoop(rec, build_template_ids(tok, bundle.template),
-                      encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
-                      threshold=float(bundle.generation["threshold"]), max_new_tokens=16)
+    loop = StreamLoop(
+        rec,
+        build_template_ids(tok, bundle.template),
+        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
+        threshold=float(bundle.generation["threshold"]),
+        max_new_tokens=16,
+    )
     for f in range(frames):
         if f == frames // 2:
             loop.ask("what is happening?")
@@ -97,16 +102,24 @@ def top1_agreement(bundle_dir: Path, frames: int = 16) -> dict[str, Any]:
         agree += int(np.argmax(out) == np.argmax(ref))
         n += 1
         err = max(err, float(np.abs(out - ref).max()))
-    return {"top1_agreement": agree / n, "steps": n, "max_abs_logit_error": err,
-            "vision_sign_agreement": vision_agree}
+    return {
+        "top1_agreement": agree / n,
+        "steps": n,
+        "max_abs_logit_error": err,
+        "vision_sign_agreement": vision_agree,
+    }
 
 
-def quantize_bundle(bundle_dir: str | Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def quantize_bundle(
+    bundle_dir: str | Path, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     say = progress or (lambda m: log.info("%s", m))
     d = Path(bundle_dir)
     bundle = load_bundle(d)
     if bundle.layout.dtype != "float32":
-        raise ExportError(f"{d}: int8 quantization starts from an fp32 bundle; re-export with --dtype fp32")
+        raise ExportError(
+            f"{d}: int8 quantization starts from an fp32 bundle; re-export with --dtype fp32"
+        )
     manifest = json.loads((d / "bundle.json").read_text())
     # Work on copies in a temporary directory; publish by renaming files in, then bundle.json.
     tmp = Path(tempfile.mkdtemp(prefix=".int8-", dir=d))
@@ -127,9 +140,13 @@ def quantize_bundle(bundle_dir: str | Path, progress: Callable[[str], None] | No
     result = top1_agreement(d)
     fp32_bytes = sum((d / bundle.manifest["graphs"][g]["file"]).stat().st_size for g in overrides)
     int8_bytes = sum((d / f).stat().st_size for f in overrides.values())
-    result.update(weight_type="int8 per-channel dynamic", bytes_fp32=fp32_bytes, bytes_int8=int8_bytes)
+    result.update(
+        weight_type="int8 per-channel dynamic", bytes_fp32=fp32_bytes, bytes_int8=int8_bytes
+    )
     manifest["int8"] = result
     write_manifest(d, manifest)
-    say(f"      top-1 agreement {result['top1_agreement']:.3f} over {result['steps']} steps; "
-        f"graphs {fp32_bytes / 2**20:.1f} -> {int8_bytes / 2**20:.1f} MiB")
+    say(
+        f"      top-1 agreement {result['top1_agreement']:.3f} over {result['steps']} steps; "
+        f"graphs {fp32_bytes / 2**20:.1f} -> {int8_bytes / 2**20:.1f} MiB"
+    )
     return result

@@ -161,7 +161,9 @@ def recompute_logits(model: StreamingModel, segments: list[Segment]) -> list[np.
             for f, emb in enumerate(frames):
                 where = torch.nonzero(frame_of_t == f).squeeze(-1)  # (N,)
                 prev = frames[f - 1] if f > 0 else torch.zeros_like(emb)
-                cos = torch.nn.functional.cosine_similarity(emb.float(), prev.float(), dim=-1, eps=1e-6)
+                cos = torch.nn.functional.cosine_similarity(
+                    emb.float(), prev.float(), dim=-1, eps=1e-6
+                )
                 novelty = 1.0 - cos - 1e-6 * torch.arange(N, dtype=torch.float32)
                 score = dec.scores(i, x[where], novelty)
                 top = torch.topk(score, k).indices

@@ -48,8 +48,10 @@ def check_graph(path: str | Path) -> list[Problem]:
     name = Path(path).name
     consts = _constants(g)
     inferred = onnx.shape_inference.infer_shapes(model)
-    elem_type = {vi.name: vi.type.tensor_type.elem_type for vi in
-                 list(inferred.graph.value_info) + list(g.input) + list(g.output)}
+    elem_type = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in list(inferred.graph.value_info) + list(g.input) + list(g.output)
+    }
     problems: list[Problem] = []
     for n in g.node:
         if n.op_type in DATA_DEPENDENT_OPS:
@@ -58,13 +60,17 @@ def check_graph(path: str | Path) -> list[Problem]:
             problems.append(Problem(name, n.name, n.op_type, "not in TensorRT's ONNX op set"))
         if n.op_type == "TopK":
             if len(n.input) < 2 or n.input[1] not in consts:
-                problems.append(Problem(name, n.name, "TopK", "k must be a constant (static top-k)"))
+                problems.append(
+                    Problem(name, n.name, "TopK", "k must be a constant (static top-k)")
+                )
             if elem_type.get(n.input[0]) in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
                 problems.append(Problem(name, n.name, "TopK", "sorting integers is unsupported"))
         if n.op_type == "Cast":
             to = next((a.i for a in n.attribute if a.name == "to"), None)
             if to in (onnx.TensorProto.DOUBLE, onnx.TensorProto.STRING):
-                problems.append(Problem(name, n.name, "Cast", "cast to double/string is unsupported"))
+                problems.append(
+                    Problem(name, n.name, "Cast", "cast to double/string is unsupported")
+                )
     for vi in list(g.input) + list(g.output):
         if vi.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE:
             problems.append(Problem(name, vi.name, "io", "float64 tensors are unsupported"))

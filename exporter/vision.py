@@ -124,7 +124,9 @@ class FrameEncoder(nn.Module):
             )
         self.use_pooled = v.use_pooled
         self.register_buffer("pool", adaptive_pool_matrix(side, v.grid), persistent=False)
-        self.projector = Projector(v.hidden_size, cfg.projector_hidden or cfg.llm_hidden, cfg.llm_hidden)
+        self.projector = Projector(
+            v.hidden_size, cfg.projector_hidden or cfg.llm_hidden, cfg.llm_hidden
+        )
 
     def tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """Tower features before the projector: (B, N, vision_hidden)."""

@@ -188,8 +188,12 @@ class Assistant:
 
     def _preprocess(self, frame: Frame) -> np.ndarray:
         pre = self.bundle.manifest["preprocess"]
-        return letterbox(frame.image, int(pre["image_size"]), int(pre.get("pad_value", 0)),
-                         pre.get("interpolation", "bicubic"))
+        return letterbox(
+            frame.image,
+            int(pre["image_size"]),
+            int(pre.get("pad_value", 0)),
+            pre.get("interpolation", "bicubic"),
+        )
 
     def _preprocess_item(self, frame: Frame) -> tuple[Frame, np.ndarray]:
         return frame, self._preprocess(frame)
@@ -199,7 +203,11 @@ class Assistant:
         return frame, self.backend.encode(pixels[None])[0]
 
     def _is_duplicate(self, embeds: np.ndarray) -> bool:
-        if not self.config.skip_duplicate_frames or self._last_embeds is None or self._loop.questions:
+        if (
+            not self.config.skip_duplicate_frames
+            or self._last_embeds is None
+            or self._loop.questions
+        ):
             return False
         a, b = embeds, self._last_embeds
         cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-6)
@@ -220,7 +228,9 @@ class Assistant:
             self._stage_ms.update(prefill=self._stepper.prefill_ms, decode=self._stepper.decode_ms)
             events: list[Event] = []
             if out.speak and out.narration:
-                events.append(NarrationEvent(self.tokens.decode(out.narration), frame.index, frame.timestamp))
+                events.append(
+                    NarrationEvent(self.tokens.decode(out.narration), frame.index, frame.timestamp)
+                )
             for q, ids in out.answers:
                 events.append(AnswerEvent(q, self.tokens.decode(ids), frame.index, frame.timestamp))
             if self._processed % max(1, self.config.stats_every) == 0:
@@ -251,8 +261,12 @@ class Assistant:
         with self._lock:
             self._stepper.inner.reset()
             self._loop = StreamLoop(
-                self._stepper, self._loop.t, self._loop.encode, self._loop.threshold,
-                self._loop.max_new_tokens, self._loop.sample,
+                self._stepper,
+                self._loop.t,
+                self._loop.encode,
+                self._loop.threshold,
+                self._loop.max_new_tokens,
+                self._loop.sample,
             )
             self._last_embeds = None
 

@@ -107,7 +107,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if not f.is_file():
             raise _fail(d, f"file {name} listed in bundle.json is missing")
         if verify and sha256_file(f) != info["sha256"]:
-            raise _fail(d, f"file {name} does not match its sha256 in bundle.json (corrupt or modified)")
+            raise _fail(
+                d, f"file {name} does not match its sha256 in bundle.json (corrupt or modified)"
+            )
     for g in GRAPHS:
         if g not in m.get("graphs", {}):
             raise _fail(d, f"bundle.json names no {g} graph")
@@ -137,4 +139,6 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             ),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise _fail(d, f"bundle.json is missing or has a malformed field ({type(e).__name__}: {e})") from e
+        raise _fail(
+            d, f"bundle.json is missing or has a malformed field ({type(e).__name__}: {e})"
+        ) from e

@@ -37,7 +37,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     print(f"loading {a.source} ...", file=sys.stderr)
     model, tok = load_checkpoint(
-        a.source, vision=a.vision, projector=a.projector, base=a.base, experts=a.experts, fmt=a.format
+        a.source,
+        vision=a.vision,
+        projector=a.projector,
+        base=a.base,
+        experts=a.experts,
+        fmt=a.format,
     )
     opts = ExportOptions(
         keep_ratio=a.keep_ratio,
@@ -48,7 +53,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         dtype=a.dtype,
         fps=a.fps,
     )
-    out, manifest = export_bundle(model, tok, a.out, opts, progress=lambda m: print(m, file=sys.stderr))
+    out, manifest = export_bundle(
+        model, tok, a.out, opts, progress=lambda m: print(m, file=sys.stderr)
+    )
     from onsight.runtime.info import describe
 
     print(describe(out))
@@ -66,10 +73,14 @@ def cmd_build(a: argparse.Namespace) -> int:
     if a.backend == "tensorrt":
         from onsight.runtime.trt_build import build_tensorrt
 
-        build_tensorrt(a.bundle, precision=a.precision, progress=lambda m: print(m, file=sys.stderr))
+        build_tensorrt(
+            a.bundle, precision=a.precision, progress=lambda m: print(m, file=sys.stderr)
+        )
         return EXIT_OK
     if a.quantize != "int8":
-        raise OnsightError("--backend onnxruntime needs --quantize int8 (the fp32 graphs are already built)")
+        raise OnsightError(
+            "--backend onnxruntime needs --quantize int8 (the fp32 graphs are already built)"
+        )
     _need_exporter()
     from onsight.exporter.quantize import quantize_bundle
 
@@ -132,27 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    e = sub.add_parser("export", help="checkpoint -> bundle (ONNX graphs + bundle.json), parity-checked")
-    e.add_argument("source", help="onsight checkpoint dir, VideoLLM-online adapter dir, or HF LLM dir")
+    e = sub.add_parser(
+        "export", help="checkpoint -> bundle (ONNX graphs + bundle.json), parity-checked"
+    )
+    e.add_argument(
+        "source", help="onsight checkpoint dir, VideoLLM-online adapter dir, or HF LLM dir"
+    )
     e.add_argument("--out", required=True, help="bundle directory to create, e.g. engines/NAME")
-    e.add_argument("--format", default="auto", choices=["auto", "onsight", "videollm-online", "compose"])
+    e.add_argument(
+        "--format", default="auto", choices=["auto", "onsight", "videollm-online", "compose"]
+    )
     e.add_argument("--base", help="videollm-online: the base Llama-3 directory")
     e.add_argument("--vision", help="videollm-online / compose: the SigLIP or CLIP directory")
     e.add_argument("--projector", help="compose: projector .safetensors (fc1/fc2)")
     e.add_argument("--experts", help="compose: LayerExpert .safetensors (optional)")
-    e.add_argument("--keep-ratio", type=float, default=None, help="MoD keep ratio r in (0, 1] (e.g. 0.2)")
+    e.add_argument(
+        "--keep-ratio", type=float, default=None, help="MoD keep ratio r in (0, 1] (e.g. 0.2)"
+    )
     e.add_argument("--mod-layers", default=None, help="interleaved | all | none | 1,3,5")
     e.add_argument("--router", default=None, choices=["learned", "novelty", "norm"])
-    e.add_argument("--tokens-per-frame", default=None, help="e.g. 1+3x3 (default: the checkpoint's)")
+    e.add_argument(
+        "--tokens-per-frame", default=None, help="e.g. 1+3x3 (default: the checkpoint's)"
+    )
     e.add_argument("--kv-capacity", type=int, default=4096, help="KV tokens per dense layer")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    e.add_argument("--fps", type=float, default=2.0, help="default sampling rate stored in the bundle")
+    e.add_argument(
+        "--fps", type=float, default=2.0, help="default sampling rate stored in the bundle"
+    )
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="what a bundle holds")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print bundle.json's summary as JSON")
-    i.add_argument("--budget-mb", type=float, default=1024.0, help="KV memory budget for 'frames that fit'")
+    i.add_argument(
+        "--budget-mb", type=float, default=1024.0, help="KV memory budget for 'frames that fit'"
+    )
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("build", help="TensorRT plans (GPU) or int8 graphs (CPU) from a bundle")
@@ -164,22 +189,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("narrate", help="narrate a source headless, printing JSON lines")
     n.add_argument("--engine", default="engines/demo", help="bundle directory")
-    n.add_argument("--source", required=True, help="video file, camera index, URL, or image directory")
+    n.add_argument(
+        "--source", required=True, help="video file, camera index, URL, or image directory"
+    )
     n.add_argument("--fps", type=float, default=None, help="sampling rate (default: the bundle's)")
     n.add_argument("--transcript", help="append every event as a JSON line here (flushed per line)")
     n.add_argument("--max-frames", type=int, default=None)
     n.add_argument("--no-realtime", action="store_true", help="files: as fast as possible")
     n.add_argument("--decode-workers", type=int, default=1, help="files: parallel decoders")
-    n.add_argument("--backend", default="auto", help="auto | onnxruntime | onnxruntime:cpu | tensorrt")
+    n.add_argument(
+        "--backend", default="auto", help="auto | onnxruntime | onnxruntime:cpu | tensorrt"
+    )
     n.add_argument("--max-new-tokens", type=int, default=None)
     n.add_argument("--temperature", type=float, default=0.0)
-    n.add_argument("--ask", action="append", help="a question to ask at the first frame (repeatable)")
+    n.add_argument(
+        "--ask", action="append", help="a question to ask at the first frame (repeatable)"
+    )
     n.add_argument("--skip-duplicates", action="store_true", help="skip near-duplicate frames")
     n.set_defaults(func=cmd_narrate)
 
     for name, module, torch_needed, helptext in (
         ("run", "onsight.tui.main", False, "the terminal app: live narration from a camera"),
-        ("eval", "onsight.exporter.demo.evaluate", True, "quality of a bundle on held-out synthetic streams"),
+        (
+            "eval",
+            "onsight.exporter.demo.evaluate",
+            True,
+            "quality of a bundle on held-out synthetic streams",
+        ),
         ("bench", "onsight.exporter.bench", True, "speed and memory, side by side"),
         ("train-demo", "onsight.exporter.demo.train", True, "train the demo model from a seed"),
         ("demo-video", "onsight.runtime.synthetic.cli", False, "render a synthetic demo video"),
@@ -211,8 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - the user sees a message, -v shows the traceback
         log.debug("unexpected error", exc_info=True)
-        print(f"onsight: internal error: {type(e).__name__}: {e} (run with -v for the traceback; "
-              "please report it)", file=sys.stderr)
+        print(
+            f"onsight: internal error: {type(e).__name__}: {e} (run with -v for the traceback; "
+            "please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

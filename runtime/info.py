@@ -78,9 +78,13 @@ def describe(path: str | Path, as_json: bool = False, budget_mb: float = 1024.0)
         )
     if s["tensorrt"]:
         t = s["tensorrt"]
-        lines.append(f"  tensorrt  {t.get('precision')} plans for {t.get('gpu')} (sm {t.get('compute_capability')}), TensorRT {t.get('tensorrt_version')}")
+        lines.append(
+            f"  tensorrt  {t.get('precision')} plans for {t.get('gpu')} (sm {t.get('compute_capability')}), TensorRT {t.get('tensorrt_version')}"
+        )
     if s["int8"]:
         q = s["int8"]
-        lines.append(f"  int8      top-1 agreement with fp32 {q.get('top1_agreement', 0):.3f} on {q.get('steps')} steps")
+        lines.append(
+            f"  int8      top-1 agreement with fp32 {q.get('top1_agreement', 0):.3f} on {q.get('steps')} steps"
+        )
     lines.append("  files     " + ", ".join(f"{k} ({_mb(v)})" for k, v in s["files"].items()))
     return "\n".join(lines)

@@ -84,7 +84,12 @@ class TokenTable:
         self._grow(count)
         s = slice(self.n, self.n + count)
         positions = np.arange(self.next_position, self.next_position + count, dtype=np.int64)
-        self._pos[s], self._kind[s], self._group[s], self._vision[s] = positions, kind, group, vision
+        self._pos[s], self._kind[s], self._group[s], self._vision[s] = (
+            positions,
+            kind,
+            group,
+            vision,
+        )
         self.n += count
         self.next_position += count
         return positions
@@ -168,7 +173,9 @@ class TokenTable:
                 "re-export with a larger --kv-capacity or a shorter system prompt"
             )
         old = self.positions[keep]
-        return EvictionPlan(keep=keep, new_positions=np.arange(len(old), dtype=np.int64), old_positions=old)
+        return EvictionPlan(
+            keep=keep, new_positions=np.arange(len(old), dtype=np.int64), old_positions=old
+        )
 
     def apply(self, plan: EvictionPlan) -> None:
         """Drop evicted tokens and re-base positions (the caller re-bases its cache)."""
@@ -187,9 +194,7 @@ def _ordered_unique(a: np.ndarray) -> np.ndarray:
     return a[np.sort(first)]
 
 
-def slot_plan(
-    slot_positions: np.ndarray, plan: EvictionPlan
-) -> tuple[np.ndarray, np.ndarray]:
+def slot_plan(slot_positions: np.ndarray, plan: EvictionPlan) -> tuple[np.ndarray, np.ndarray]:
     """For one layer's slots (their old positions), which to keep and each kept slot's delta.
 
     Returns (kept slot indices in order, position delta for each kept slot).
@@ -197,7 +202,11 @@ def slot_plan(
     old = plan.old_positions  # ascending
     at = np.searchsorted(old, slot_positions)
     at_c = np.minimum(at, len(old) - 1)
-    found = (at < len(old)) & (old[at_c] == slot_positions) if len(old) else np.zeros(len(slot_positions), bool)
+    found = (
+        (at < len(old)) & (old[at_c] == slot_positions)
+        if len(old)
+        else np.zeros(len(slot_positions), bool)
+    )
     kept = np.nonzero(found)[0].astype(np.int64)
     delta = plan.new_positions[at_c[kept]] - slot_positions[kept]
     return kept, delta.astype(np.int64)

@@ -138,7 +138,11 @@ class OrtStepper(CachedStepper):
             None, self._feeds("text_step", input_ids=ids, position_ids=positions)
         )
         L = self.layout.num_layers
-        return outs[0].astype(np.float32, copy=False), outs[1 : 2 * L + 1 : 2], outs[2 : 2 * L + 1 : 2]
+        return (
+            outs[0].astype(np.float32, copy=False),
+            outs[1 : 2 * L + 1 : 2],
+            outs[2 : 2 * L + 1 : 2],
+        )
 
     def run_frame(self, ids, embeds, prev, positions) -> FrameOut:
         outs = self.s.sessions["frame_step"].run(

@@ -16,7 +16,9 @@ INTERPOLATION = {
 }
 
 
-def letterbox(image: np.ndarray, size: int, pad_value: int = 0, interpolation: str = "bicubic") -> np.ndarray:
+def letterbox(
+    image: np.ndarray, size: int, pad_value: int = 0, interpolation: str = "bicubic"
+) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> (size, size, 3): long side resized to `size`, then padded
     symmetrically (VideoLLM-online pads to a square with black)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -39,5 +41,8 @@ def preprocess_batch(images: list[np.ndarray], pre: Mapping[str, Any]) -> np.nda
     """Frames -> uint8 (B, S, S, 3) for the vision graph."""
     size = int(pre["image_size"])
     return np.stack(
-        [letterbox(im, size, int(pre.get("pad_value", 0)), pre.get("interpolation", "bicubic")) for im in images]
+        [
+            letterbox(im, size, int(pre.get("pad_value", 0)), pre.get("interpolation", "bicubic"))
+            for im in images
+        ]
     )

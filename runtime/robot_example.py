@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
     with Assistant(a.engine, AssistantConfig()) as assistant:
-        worker = threading.Thread(target=perception, args=(assistant, a.source, events, stop), daemon=True)
+        worker = threading.Thread(
+            target=perception, args=(assistant, a.source, events, stop), daemon=True
+        )
         worker.start()
         assistant.ask("how many objects are there?")
         t_end, tick = time.monotonic() + a.seconds, 1.0 / a.hz

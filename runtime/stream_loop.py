@@ -158,4 +158,14 @@ class StreamLoop:
             logits = self.stepper.text([tok], TURN, group)
 
 
-__all__ = ["FRAME", "SINK", "TURN", "FrameOutcome", "Sampler", "StreamLoop", "Stepper", "TemplateIds", "decide"]
+__all__ = [
+    "FRAME",
+    "SINK",
+    "TURN",
+    "FrameOutcome",
+    "Sampler",
+    "StreamLoop",
+    "Stepper",
+    "TemplateIds",
+    "decide",
+]

@@ -16,7 +16,9 @@ class Transcript:
             # line-buffered append: a kill -9 can at worst cut the line being written
             self._f = open(self.path, "a", encoding="utf-8", buffering=1)
         except OSError as e:
-            raise OnsightError(f"cannot write transcript {self.path}: {e.strerror}; choose another path") from e
+            raise OnsightError(
+                f"cannot write transcript {self.path}: {e.strerror}; choose another path"
+            ) from e
 
     def append(self, line: str) -> None:
         self._f.write(line.rstrip("\n") + "\n")

@@ -28,7 +28,9 @@ def _cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError as e:
-            raise EngineError("the TensorRT backend needs cuda-python: pip install cuda-python") from e
+            raise EngineError(
+                "the TensorRT backend needs cuda-python: pip install cuda-python"
+            ) from e
     return cudart
 
 
@@ -58,13 +60,27 @@ class DeviceBuffer:
 
     def upload(self, host: np.ndarray, stream) -> None:
         h = np.ascontiguousarray(host, self.dtype)
-        _check(self.cudart.cudaMemcpyAsync(self.ptr, h.ctypes.data, h.nbytes,
-                                           self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        _check(
+            self.cudart.cudaMemcpyAsync(
+                self.ptr,
+                h.ctypes.data,
+                h.nbytes,
+                self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                stream,
+            )
+        )
 
     def download(self, stream, shape: tuple[int, ...] | None = None) -> np.ndarray:
         out = np.empty(shape or self.shape, self.dtype)
-        _check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes,
-                                           self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+        _check(
+            self.cudart.cudaMemcpyAsync(
+                out.ctypes.data,
+                self.ptr,
+                out.nbytes,
+                self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                stream,
+            )
+        )
         _check(self.cudart.cudaStreamSynchronize(stream))
         return out
 
@@ -82,8 +98,10 @@ class TrtBackend:
 
         meta = bundle.manifest.get("tensorrt")
         if not meta:
-            raise EngineError(f"bundle {bundle.path} has no TensorRT plans; build them with "
-                              f"`onsight build {bundle.path} --backend tensorrt`")
+            raise EngineError(
+                f"bundle {bundle.path} has no TensorRT plans; build them with "
+                f"`onsight build {bundle.path} --backend tensorrt`"
+            )
         check_plan_compat(meta, gpu_info(), trt.__version__)
         self.bundle = bundle
         self.cudart = _cudart()
@@ -115,8 +133,9 @@ class TrtBackend:
             self._scratch[key] = buf
         return buf
 
-    def run(self, graph: str, inputs: dict[str, np.ndarray | DeviceBuffer],
-            fetch: tuple[str, ...]) -> dict[str, np.ndarray | DeviceBuffer]:
+    def run(
+        self, graph: str, inputs: dict[str, np.ndarray | DeviceBuffer], fetch: tuple[str, ...]
+    ) -> dict[str, np.ndarray | DeviceBuffer]:
         """Bind inputs (host arrays are uploaded; DeviceBuffers bound as they are), execute,
         and return the named outputs on the host; other outputs stay on the device."""
         import tensorrt as trt
@@ -184,8 +203,14 @@ class TrtStepper:
         self.inv_freq = backend.bundle.inv_freq
         self.all_routed = backend.bundle.routed_layers
         dt = np.dtype(lay.dtype)
-        self.k = [DeviceBuffer((lay.kv_heads, lay.capacity(i), lay.head_dim), dt) for i in range(lay.num_layers)]
-        self.v = [DeviceBuffer((lay.kv_heads, lay.capacity(i), lay.head_dim), dt) for i in range(lay.num_layers)]
+        self.k = [
+            DeviceBuffer((lay.kv_heads, lay.capacity(i), lay.head_dim), dt)
+            for i in range(lay.num_layers)
+        ]
+        self.v = [
+            DeviceBuffer((lay.kv_heads, lay.capacity(i), lay.head_dim), dt)
+            for i in range(lay.num_layers)
+        ]
         self.prev_embeds: np.ndarray | None = None
 
     @property
@@ -199,8 +224,10 @@ class TrtStepper:
     def _ensure(self, new_dense: int, new_mod: int) -> None:
         c = self.cache
         routed = self.layout.routed
-        full = any(c.lengths[i] + (new_mod if i in routed else new_dense) > len(c.masks[i])
-                   for i in range(self.layout.num_layers))
+        full = any(
+            c.lengths[i] + (new_mod if i in routed else new_dense) > len(c.masks[i])
+            for i in range(self.layout.num_layers)
+        )
         if not full:
             return
         s = self.b.stream
@@ -217,7 +244,9 @@ class TrtStepper:
         dense = next((i for i in range(lay.num_layers) if i not in lay.routed), None)
         mod = next((i for i in range(lay.num_layers) if i in lay.routed), None)
         feeds = dict(extra)
-        feeds["dense_mask"] = c.masks[dense] if dense is not None else np.zeros(lay.capacity_dense, bool)
+        feeds["dense_mask"] = (
+            c.masks[dense] if dense is not None else np.zeros(lay.capacity_dense, bool)
+        )
         feeds["mod_mask"] = c.masks[mod] if mod is not None else np.zeros(lay.capacity_mod, bool)
         for i in range(lay.num_layers):
             feeds[f"past_key_{i}"] = self.k[i]
@@ -234,16 +263,29 @@ class TrtStepper:
         pitch_dst = self.k[i].shape[1] * self.layout.head_dim * item
         off = n * self.layout.head_dim * item
         for dst, src in ((self.k[i], new_k), (self.v[i], new_v)):
-            _check(cud.cudaMemcpy2DAsync(dst.ptr + off, pitch_dst, src.ptr, row, row, self.layout.kv_heads,
-                                         cud.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.b.stream))
+            _check(
+                cud.cudaMemcpy2DAsync(
+                    dst.ptr + off,
+                    pitch_dst,
+                    src.ptr,
+                    row,
+                    row,
+                    self.layout.kv_heads,
+                    cud.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                    self.b.stream,
+                )
+            )
         c.positions[i][n : n + t] = positions
         c._set_length(i, n + t)
 
     def text(self, ids: list[int], kind: int, group: int) -> np.ndarray:
         self._ensure(len(ids), len(ids))
         pos = self.cache.table.append(len(ids), kind, group)
-        out = self.b.run("text_step", self._inputs(input_ids=np.asarray(ids, np.int64), position_ids=pos),
-                         fetch=("logits",))
+        out = self.b.run(
+            "text_step",
+            self._inputs(input_ids=np.asarray(ids, np.int64), position_ids=pos),
+            fetch=("logits",),
+        )
         for i in range(self.layout.num_layers):
             self._append(i, out[f"new_key_{i}"], out[f"new_value_{i}"], pos)
         return np.asarray(out["logits"], np.float32)
@@ -258,9 +300,16 @@ class TrtStepper:
         prev = self.prev_embeds if self.prev_embeds is not None else np.zeros_like(embeds)
         dt = np.dtype(self.layout.dtype)
         kept_names = tuple(f"kept_{i}" for i in self.all_routed)
-        out = self.b.run("frame_step", self._inputs(
-            input_ids=np.asarray(ids, np.int64), frame_embeds=embeds.astype(dt),
-            prev_frame_embeds=prev.astype(dt), position_ids=positions), fetch=("logits", *kept_names))
+        out = self.b.run(
+            "frame_step",
+            self._inputs(
+                input_ids=np.asarray(ids, np.int64),
+                frame_embeds=embeds.astype(dt),
+                prev_frame_embeds=prev.astype(dt),
+                position_ids=positions,
+            ),
+            fetch=("logits", *kept_names),
+        )
         self.prev_embeds = embeds
         for i in range(self.layout.num_layers):
             if i in self.layout.routed:

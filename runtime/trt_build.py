@@ -36,10 +36,17 @@ def gpu_info() -> GpuInfo | None:
     """The first GPU as nvidia-smi reports it (Jetson boards: tegrastats has no query; fall
     back to the device tree's model name with compute capability 8.7 for Orin)."""
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         if out:
             name, cc = (x.strip() for x in out[0].split(","))
             return GpuInfo(name, cc)
@@ -51,14 +58,20 @@ def gpu_info() -> GpuInfo | None:
     return None
 
 
-def check_plan_compat(trt_meta: dict[str, Any], gpu: GpuInfo | None, trt_version: str | None) -> None:
+def check_plan_compat(
+    trt_meta: dict[str, Any], gpu: GpuInfo | None, trt_version: str | None
+) -> None:
     """Refuse plans built for another GPU or TensorRT version (they fail or misbehave)."""
     if gpu is None:
-        raise BundleError("this bundle's TensorRT plans need an NVIDIA GPU, and none was found; "
-                          "use --backend onnxruntime")
+        raise BundleError(
+            "this bundle's TensorRT plans need an NVIDIA GPU, and none was found; "
+            "use --backend onnxruntime"
+        )
     if trt_version is None:
-        raise BundleError("TensorRT is not installed here; use --backend onnxruntime, or install "
-                          "TensorRT (it ships with JetPack)")
+        raise BundleError(
+            "TensorRT is not installed here; use --backend onnxruntime, or install "
+            "TensorRT (it ships with JetPack)"
+        )
     built_cc, built_trt = trt_meta.get("compute_capability"), trt_meta.get("tensorrt_version")
     if built_cc != gpu.compute_capability or trt_meta.get("gpu") != gpu.name:
         raise BundleError(
@@ -77,13 +90,21 @@ def _profiles(bundle) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
     """min / opt / max shapes of every dynamic input, per graph."""
     n = bundle.tokens_per_frame
     return {
-        "vision": {"frames": ((1, bundle.image_size, bundle.image_size, 3),
-                              (1, bundle.image_size, bundle.image_size, 3),
-                              (4, bundle.image_size, bundle.image_size, 3))},
-        "text_step": {"input_ids": ((1,), (1,), (MAX_STEP_TOKENS,)),
-                      "position_ids": ((1,), (1,), (MAX_STEP_TOKENS,))},
-        "frame_step": {"input_ids": ((1,), (1,), (MAX_FRAME_TEXT,)),
-                       "position_ids": ((1 + n,), (1 + n,), (MAX_FRAME_TEXT + n,))},
+        "vision": {
+            "frames": (
+                (1, bundle.image_size, bundle.image_size, 3),
+                (1, bundle.image_size, bundle.image_size, 3),
+                (4, bundle.image_size, bundle.image_size, 3),
+            )
+        },
+        "text_step": {
+            "input_ids": ((1,), (1,), (MAX_STEP_TOKENS,)),
+            "position_ids": ((1,), (1,), (MAX_STEP_TOKENS,)),
+        },
+        "frame_step": {
+            "input_ids": ((1,), (1,), (MAX_FRAME_TEXT,)),
+            "position_ids": ((1 + n,), (1 + n,), (MAX_FRAME_TEXT + n,)),
+        },
     }
 
 
@@ -104,8 +125,10 @@ def build_tensorrt(
         ) from e
     gpu = gpu_info()
     if gpu is None:
-        raise ExportError("no NVIDIA GPU found (nvidia-smi saw none): TensorRT plans are built "
-                          "on the GPU that will run them")
+        raise ExportError(
+            "no NVIDIA GPU found (nvidia-smi saw none): TensorRT plans are built "
+            "on the GPU that will run them"
+        )
     if precision == "int8":
         raise ExportError(
             "--precision int8 for TensorRT needs calibration data that onsight does not ship "
@@ -152,7 +175,9 @@ def build_tensorrt(
         "compute_capability": gpu.compute_capability,
         "tensorrt_version": trt.__version__,
         "plans": plans,
-        "profiles": {g: {k: [list(s) for s in v] for k, v in p.items()} for g, p in _profiles(bundle).items()},
+        "profiles": {
+            g: {k: [list(s) for s in v] for k, v in p.items()} for g, p in _profiles(bundle).items()
+        },
     }
     manifest = json.loads((d / "bundle.json").read_text())
     manifest["tensorrt"] = meta

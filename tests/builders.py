@@ -69,7 +69,9 @@ def save_hf_lm(out_dir: Path, cfg: dict, tokenizer_json: Path, seed: int = 0) ->
     torch.manual_seed(seed)
     arch = cfg["architectures"][0]
     conf_cls = transformers.Qwen2Config if arch == "Qwen2ForCausalLM" else transformers.LlamaConfig
-    model = getattr(transformers, arch)(conf_cls(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    model = getattr(transformers, arch)(
+        conf_cls(**{k: v for k, v in cfg.items() if k != "model_type"})
+    )
     model.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
     return out_dir
@@ -101,9 +103,15 @@ def save_clip(out_dir: Path, seed: int = 2, image_size: int = 32) -> Path:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=image_size, patch_size=8,
-                           projection_dim=32)
+    cfg = CLIPVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=32,
+    )
     CLIPVisionModel(cfg).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 

@@ -42,11 +42,16 @@ def tiny_tokenizer(tmp_path_factory):
 def make_tiny_model(vocab: int, r: float = 0.2, max_new_tokens: int = 4, seed: int = 0):
     """A tiny random MoD model with learned routers (decisive, so top-k has no near-ties)."""
     import torch
-
-    from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, TemplateConfig, VisionConfig
-    from onsight.exporter.model import StreamingModel
-
     from builders import llama_config
+
+    from onsight.exporter.config import (
+        ModConfig,
+        ModelConfig,
+        PreprocessConfig,
+        TemplateConfig,
+        VisionConfig,
+    )
+    from onsight.exporter.model import StreamingModel
 
     cfg = ModelConfig(
         decoder=llama_config(vocab),
@@ -71,7 +76,9 @@ def tiny_bundle(tmp_path_factory, tiny_tokenizer):
     tok, vocab = tiny_tokenizer
     model = make_tiny_model(vocab)
     out, _ = export_bundle(
-        model, tok, tmp_path_factory.mktemp("bundles") / "tiny",
+        model,
+        tok,
+        tmp_path_factory.mktemp("bundles") / "tiny",
         ExportOptions(keep_ratio=0.2, kv_capacity=160, keep_text_tokens=24),
     )
     return out, model, tok

@@ -55,7 +55,9 @@ def _validate_schema(manifest: dict) -> None:
 @pytest.mark.parametrize("r", [1.0, 0.2])
 def test_export_native_bundle_is_valid_and_parity_checked(native_model, tmp_path, r):
     model, tok = native_model
-    out, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=r, kv_capacity=512))
+    out, manifest = export_bundle(
+        model, tok, tmp_path / "b", ExportOptions(keep_ratio=r, kv_capacity=512)
+    )
     for g in ("vision", "text_step", "frame_step"):
         m = onnx.load(str(out / f"{g}.onnx"))
         onnx.checker.check_model(m, full_check=True)
@@ -73,7 +75,9 @@ def test_export_native_bundle_is_valid_and_parity_checked(native_model, tmp_path
 
 def test_logits_output_is_last_position_only(native_model, tmp_path):
     model, tok = native_model
-    out, _ = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512))
+    out, _ = export_bundle(
+        model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512)
+    )
     for g in ("text_step", "frame_step"):
         m = onnx.load(str(out / f"{g}.onnx"))
         logits = next(o for o in m.graph.output if o.name == "logits")
@@ -83,14 +87,18 @@ def test_logits_output_is_last_position_only(native_model, tmp_path):
 
 def test_frame_step_static_topk(native_model, tmp_path):
     model, tok = native_model
-    out, _ = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512))
+    out, _ = export_bundle(
+        model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512)
+    )
     m = onnx.load(str(out / "frame_step.onnx"))
     assert sum(n.op_type == "TopK" for n in m.graph.node) == 2  # one per routed layer
 
 
 def test_fp16_export_passes_its_tolerance(native_model, tmp_path):
     model, tok = native_model
-    _, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512, dtype="fp16"))
+    _, manifest = export_bundle(
+        model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512, dtype="fp16")
+    )
     assert manifest["parity"]["passed"] and manifest["kv"]["dtype"] == "float16"
 
 
@@ -110,9 +118,17 @@ def test_interrupted_export_leaves_no_bundle(native_model, tmp_path, monkeypatch
 def test_failed_parity_writes_nothing(native_model, tmp_path, monkeypatch):
     import onsight.exporter.bundle_writer as bw
 
-    monkeypatch.setattr(bw, "run_parity", lambda *a, **k: {"passed": False, "max_abs_logit_error": 1.0,
-                                                            "tolerance": 1e-4, "same_decisions": False,
-                                                            "same_tokens": False})
+    monkeypatch.setattr(
+        bw,
+        "run_parity",
+        lambda *a, **k: {
+            "passed": False,
+            "max_abs_logit_error": 1.0,
+            "tolerance": 1e-4,
+            "same_decisions": False,
+            "same_tokens": False,
+        },
+    )
     model, tok = native_model
     with pytest.raises(ExportError, match="parity failed"):
         export_bundle(model, tok, tmp_path / "b", ExportOptions(kv_capacity=512))
@@ -147,29 +163,69 @@ def test_existing_output_directory_is_refused(native_model, tmp_path):
 
 def test_tokens_per_frame_option_changes_grid(native_model, tmp_path):
     model, tok = native_model
-    out, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(tokens_per_frame="1+2x2", keep_ratio=0.5, kv_capacity=512))
+    out, manifest = export_bundle(
+        model,
+        tok,
+        tmp_path / "b",
+        ExportOptions(tokens_per_frame="1+2x2", keep_ratio=0.5, kv_capacity=512),
+    )
     assert manifest["vision"]["tokens_per_frame"] == 5 and manifest["mod"]["k"] == 3
     assert manifest["parity"]["passed"]
 
 
 def test_cli_export_and_info(native_ckpt, tmp_path):
     out = tmp_path / "engines" / "tiny"
-    r = subprocess.run([sys.executable, "-m", "onsight.runtime.cli", "export", str(native_ckpt), "--out", str(out),
-                        "--keep-ratio", "0.2", "--kv-capacity", "512"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onsight.runtime.cli",
+            "export",
+            str(native_ckpt),
+            "--out",
+            str(out),
+            "--keep-ratio",
+            "0.2",
+            "--kv-capacity",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "[1/4]" in r.stderr and "parity" in r.stderr
     assert "keep ratio 0.2 (k=2)" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "onsight.runtime.cli", "info", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "onsight.runtime.cli", "info", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "frames that fit" in r.stdout and "parity    passed" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "onsight.runtime.cli", "export", str(native_ckpt), "--out", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onsight.runtime.cli",
+            "export",
+            str(native_ckpt),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_info_reports_mod_kv_savings(native_model, tmp_path):
     model, tok = native_model
-    out, _ = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512))
+    out, _ = export_bundle(
+        model, tok, tmp_path / "b", ExportOptions(keep_ratio=0.2, kv_capacity=512)
+    )
     text = describe(out)
     assert "MoD" in text and "0.60x" in text  # (2 dense * 10 + 2 routed * 2) / (4 * 10)
     b = load_bundle(out)
-    assert np.isclose(b.layout.bytes_per_frame(True) / b.layout.bytes_per_frame(False), (2 * 10 + 2 * 2) / 40)
+    assert np.isclose(
+        b.layout.bytes_per_frame(True) / b.layout.bytes_per_frame(False), (2 * 10 + 2 * 2) / 40
+    )

@@ -15,9 +15,14 @@ from onsight.runtime.cli import main as cli_main
 @pytest.mark.parametrize("r", [1.0, 0.2])
 def test_export_videollm_online_release(ck, tmp_path, r):  # noqa: F811
     model, tok = load_checkpoint(ck.adapter, base=ck.base, vision=ck.siglip)
-    out, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=r, kv_capacity=512))
+    out, manifest = export_bundle(
+        model, tok, tmp_path / "b", ExportOptions(keep_ratio=r, kv_capacity=512)
+    )
     assert manifest["parity"]["passed"]
-    assert manifest["template"]["interval_token"] == "," and manifest["generation"]["threshold"] == 0.725
+    assert (
+        manifest["template"]["interval_token"] == ","
+        and manifest["generation"]["threshold"] == 0.725
+    )
     assert manifest["token_ids"]["v"] == manifest["model"]["vocab_size"]  # outside the embedding
     for g in ("vision", "text_step", "frame_step"):
         onnx.checker.check_model(onnx.load(str(out / f"{g}.onnx")))
@@ -26,15 +31,33 @@ def test_export_videollm_online_release(ck, tmp_path, r):  # noqa: F811
 
 @pytest.mark.parametrize("r", [1.0, 0.2])
 def test_export_compose_with_experts(ck, tmp_path, r):  # noqa: F811
-    model, tok = load_checkpoint(ck.base, vision=ck.siglip_vision, projector=ck.proj, experts=ck.experts)
-    out, manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(keep_ratio=r, kv_capacity=512))
+    model, tok = load_checkpoint(
+        ck.base, vision=ck.siglip_vision, projector=ck.proj, experts=ck.experts
+    )
+    out, manifest = export_bundle(
+        model, tok, tmp_path / "b", ExportOptions(keep_ratio=r, kv_capacity=512)
+    )
     assert manifest["parity"]["passed"]
     assert manifest["mod"]["router"] == "learned"
 
 
 def test_cli_export_videollm_online(ck, tmp_path, capsys):  # noqa: F811
-    rc = cli_main(["export", str(ck.adapter), "--base", str(ck.base), "--vision", str(ck.siglip),
-                   "--out", str(tmp_path / "e"), "--keep-ratio", "0.2", "--kv-capacity", "512"])
+    rc = cli_main(
+        [
+            "export",
+            str(ck.adapter),
+            "--base",
+            str(ck.base),
+            "--vision",
+            str(ck.siglip),
+            "--out",
+            str(tmp_path / "e"),
+            "--keep-ratio",
+            "0.2",
+            "--kv-capacity",
+            "512",
+        ]
+    )
     assert rc == 0
     assert "keep ratio 0.2" in capsys.readouterr().out
 

@@ -64,7 +64,11 @@ def run_stream(model, tok_path, frames=8, question_at=3, capacity=4096, max_new=
 
 def segments_and_logits(rec):
     segs = [s for s, _ in rec.log if s.frame is not None or len(s.ids)]
-    checks = [(i, lg) for i, (_, lg) in enumerate(x for x in rec.log if x[0].frame is not None or len(x[0].ids)) if lg is not None]
+    checks = [
+        (i, lg)
+        for i, (_, lg) in enumerate(x for x in rec.log if x[0].frame is not None or len(x[0].ids))
+        if lg is not None
+    ]
     return segs, checks
 
 
@@ -134,7 +138,9 @@ def test_topk_is_per_frame_not_across_frames(tiny_tokenizer):
     stepper = TorchStepper(model, capacity=512)
     stepper.text([0, 5, 6], 0, 0)
     loud = np.full((10, 64), 50.0, np.float32)
-    quiet = np.full((10, 64), 0.01, np.float32) + np.random.default_rng(0).normal(0, 1e-3, (10, 64)).astype(np.float32)
+    quiet = np.full((10, 64), 0.01, np.float32) + np.random.default_rng(0).normal(
+        0, 1e-3, (10, 64)
+    ).astype(np.float32)
     stepper.frame([7], loud, 1)
     stepper.frame([8], quiet, 2)
     table_pos = stepper.cache.positions[1][: stepper.cache.lengths[1]]
@@ -147,7 +153,10 @@ def test_learned_routing_differs_only_on_routed_vision_tokens(tiny_tokenizer):
     tok_path, vocab = tiny_tokenizer
     learned = make_model(vocab, r=0.2, router="learned", experts=True)
     norm = learned.with_config(learned.cfg.replace(mod=ModConfig(0.2, (1, 3), "norm")))
-    segs = [Segment(ids=(0, 5, 6, 7)), Segment(frame=np.random.default_rng(0).normal(size=(10, 64)).astype(np.float32))]
+    segs = [
+        Segment(ids=(0, 5, 6, 7)),
+        Segment(frame=np.random.default_rng(0).normal(size=(10, 64)).astype(np.float32)),
+    ]
     # text before any frame: identical, since text is never routed or scaled
     a = recompute_logits(learned, segs[:1])[0]
     b = recompute_logits(norm, segs[:1])[0]
@@ -161,14 +170,21 @@ def test_r1_routed_layers_equal_dense_model(tiny_tokenizer):
     tok_path, vocab = tiny_tokenizer
     routed = make_model(vocab, r=1.0, router="norm")
     dense = routed.with_config(routed.cfg.replace(mod=ModConfig(1.0, (), "novelty")))
-    segs = [Segment(ids=(0, 5, 6)), Segment(frame=np.random.default_rng(1).normal(size=(10, 64)).astype(np.float32))]
-    np.testing.assert_allclose(recompute_logits(routed, segs)[1], recompute_logits(dense, segs)[1], atol=1e-6)
+    segs = [
+        Segment(ids=(0, 5, 6)),
+        Segment(frame=np.random.default_rng(1).normal(size=(10, 64)).astype(np.float32)),
+    ]
+    np.testing.assert_allclose(
+        recompute_logits(routed, segs)[1], recompute_logits(dense, segs)[1], atol=1e-6
+    )
 
 
 def test_eviction_keeps_sink_and_bounds_positions(tiny_tokenizer):
     tok_path, vocab = tiny_tokenizer
     model = make_model(vocab, r=0.2)
-    loop = reference_loop(model, tok_path, capacity=320, max_new_tokens=3, policy=EvictionPolicy(keep_text_tokens=32))
+    loop = reference_loop(
+        model, tok_path, capacity=320, max_new_tokens=3, policy=EvictionPolicy(keep_text_tokens=32)
+    )
     embeds = np.random.default_rng(0).normal(size=(60, 10, 64)).astype(np.float32)
     for e in embeds:
         loop.on_frame(e)

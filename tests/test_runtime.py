@@ -30,7 +30,9 @@ def _frames(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (n // 4 + 1, size, size, 3))
     # scenes that hold for a few frames then change, like video
-    return np.stack([np.clip(base[i // 4] + rng.normal(0, 6, (size, size, 3)), 0, 255) for i in range(n)]).astype(np.uint8)
+    return np.stack(
+        [np.clip(base[i // 4] + rng.normal(0, 6, (size, size, 3)), 0, 255) for i in range(n)]
+    ).astype(np.uint8)
 
 
 def test_runtime_equals_reference_token_by_token_with_eviction_and_question(tiny_bundle):
@@ -40,10 +42,16 @@ def test_runtime_equals_reference_token_by_token_with_eviction_and_question(tiny
     bundle = load_bundle(path)
     sessions = OrtSessions(bundle, "cpu")
     tok = Tokenizer.from_file(str(tok_path))
-    rt = StreamLoop(sessions.stepper(), build_template_ids(tok, bundle.template),
-                    encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
-                    threshold=bundle.generation["threshold"], max_new_tokens=bundle.generation["max_new_tokens"])
-    ref = reference_loop(model, tok_path, capacity=bundle.layout.capacity_dense, policy=bundle.policy)
+    rt = StreamLoop(
+        sessions.stepper(),
+        build_template_ids(tok, bundle.template),
+        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
+        threshold=bundle.generation["threshold"],
+        max_new_tokens=bundle.generation["max_new_tokens"],
+    )
+    ref = reference_loop(
+        model, tok_path, capacity=bundle.layout.capacity_dense, policy=bundle.policy
+    )
     pixels = _frames(100)
     embeds = model.encode_frames(torch.from_numpy(pixels)).numpy()
     np.testing.assert_allclose(sessions.encode(pixels[:4]), embeds[:4], atol=1e-5)
@@ -62,8 +70,16 @@ def test_runtime_equals_reference_token_by_token_with_eviction_and_question(tiny
 
 
 def test_mod_kv_bytes_per_frame_formula():
-    lay = KVLayout(num_layers=24, kv_heads=2, head_dim=64, capacity_dense=4096, capacity_mod=1000,
-                   routed=tuple(range(1, 24, 2)), tokens_per_frame=50, k=10)
+    lay = KVLayout(
+        num_layers=24,
+        kv_heads=2,
+        head_dim=64,
+        capacity_dense=4096,
+        capacity_mod=1000,
+        routed=tuple(range(1, 24, 2)),
+        tokens_per_frame=50,
+        k=10,
+    )
     dense_layers, mod_layers, N, k = 12, 12, 50, 10
     expected = (dense_layers * N + mod_layers * k) / (24 * N)
     assert lay.bytes_per_frame(mod=True) / lay.bytes_per_frame(mod=False) == pytest.approx(expected)
@@ -103,7 +119,9 @@ def test_assistant_push_yields_typed_events_and_answers(tiny_bundle):
     ans = next(e for e in events if isinstance(e, AnswerEvent))
     assert ans.question == "what colour is the square?" and ans.frame_index == 0
     st = [e for e in events if isinstance(e, StatsEvent)][-1]
-    assert st.frames_processed == 10 and 0 < st.kv_fill <= 1 and st.backend.startswith("onnxruntime")
+    assert (
+        st.frames_processed == 10 and 0 < st.kv_fill <= 1 and st.backend.startswith("onnxruntime")
+    )
     assert all(isinstance(e.to_json(), str) for e in events)
     assert NarrationEvent in kinds or True  # a random model may stay silent
 
@@ -160,7 +178,11 @@ def test_not_a_bundle_is_refused(tmp_path):
 
 
 def test_tensorrt_plan_for_another_gpu_is_refused():
-    meta = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.3.0"}
+    meta = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "compute_capability": "9.0",
+        "tensorrt_version": "10.3.0",
+    }
     with pytest.raises(BundleError, match="built for NVIDIA H100.*rebuild"):
         check_plan_compat(meta, GpuInfo("Orin", "8.7"), "10.3.0")
     with pytest.raises(BundleError, match="TensorRT 10.3.0, this is 10.7.0"):
@@ -195,14 +217,29 @@ def test_runtime_never_unpickles():
 
 
 def _narrate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onsight.runtime.cli", "narrate", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "onsight.runtime.cli", "narrate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_narrate_cli_prints_json_lines_and_writes_transcript(tiny_bundle, shared_videos, tmp_path):
     t = tmp_path / "t.jsonl"
-    r = _narrate("--engine", str(tiny_bundle[0]), "--source", str(shared_videos / "book.mkv"),
-                 "--no-realtime", "--max-frames", "8", "--transcript", str(t), "--ask", "what is this?")
+    r = _narrate(
+        "--engine",
+        str(tiny_bundle[0]),
+        "--source",
+        str(shared_videos / "book.mkv"),
+        "--no-realtime",
+        "--max-frames",
+        "8",
+        "--transcript",
+        str(t),
+        "--ask",
+        "what is this?",
+    )
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert lines[0]["type"] == "source" and lines[-1]["type"] == "stats"
@@ -221,9 +258,24 @@ def test_narrate_exit_codes(tiny_bundle, tmp_path):
 
 def test_transcript_survives_kill_9(tiny_bundle, shared_videos, tmp_path):
     t = tmp_path / "t.jsonl"
-    p = subprocess.Popen([sys.executable, "-m", "onsight.runtime.cli", "narrate", "--engine", str(tiny_bundle[0]),
-                          "--source", str(shared_videos / "walk.mkv"), "--fps", "4", "--transcript", str(t)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "onsight.runtime.cli",
+            "narrate",
+            "--engine",
+            str(tiny_bundle[0]),
+            "--source",
+            str(shared_videos / "walk.mkv"),
+            "--fps",
+            "4",
+            "--transcript",
+            str(t),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 90
         while time.time() < deadline:

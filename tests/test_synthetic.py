@@ -9,6 +9,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
+
 from onsight.runtime.synthetic import (
     EVENT_KINDS,
     EventKind,

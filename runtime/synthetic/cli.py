@@ -33,12 +33,16 @@ def resolve_source(spec: str | int) -> str | int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="onsight demo-video", description="Render a synthetic demo video.")
+    p = argparse.ArgumentParser(
+        prog="onsight demo-video", description="Render a synthetic demo video."
+    )
     p.add_argument("out", help="output .mp4 path")
     p.add_argument("--seed", type=int, default=DEMO_SEED)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--size", type=int, default=256, help="frame height in pixels")
     a = p.parse_args(argv)
     video = render_demo_video(a.out, seed=a.seed, seconds=a.seconds, size=a.size)
-    print(f"wrote {video.path}: {video.num_frames} frames at {video.fps:g} fps, {video.num_events} events")
+    print(
+        f"wrote {video.path}: {video.num_frames} frames at {video.fps:g} fps, {video.num_events} events"
+    )
     return 0
