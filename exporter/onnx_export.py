@@ -175,7 +175,14 @@ def export_graphs(
         *pnames,
     ]
     f_out = ["logits", *nnames, *kept_names]
-    dyn = {"input_ids": {0: "text_tokens"}, "position_ids": {0: "step_tokens"}}
+    # Vision tokens are dynamic too (from k to N), so the runtime can prefill fewer tokens of
+    # a frame that barely changed (DyCoke-style pruning); MoD's top-k stays a constant k.
+    dyn = {
+        "input_ids": {0: "text_tokens"},
+        "position_ids": {0: "step_tokens"},
+        "frame_embeds": {0: "frame_tokens"},
+        "prev_frame_embeds": {0: "frame_tokens"},
+    }
     for i in range(L):
         axis = "routed_tokens" if i in layout.routed else "step_tokens"
         dyn[f"new_key_{i}"] = {1: axis}

@@ -49,6 +49,8 @@ class AssistantConfig:
     decode_workers: int = 1  # files without realtime: parallel keyframe-segment decoders
     skip_duplicate_frames: bool = False  # skip frames whose tokens barely changed
     duplicate_threshold: float = 0.995  # mean token cosine above which a frame is a duplicate
+    prune_static_tokens: bool = False  # DyCoke-style: 2nd frame of each pair keeps changed tokens
+    prune_ratio: float = 0.7  # DyCoke's K: share of that frame's tokens pruned
     stats_every: int = 10  # a StatsEvent every this many processed frames
 
 
@@ -79,9 +81,9 @@ class _TimedStepper:
         self.decode_ms += (time.perf_counter() - t) * 1e3
         return out
 
-    def frame(self, ids, embeds, group):
+    def frame(self, ids, embeds, group, keep=None):
         t = time.perf_counter()
-        out = self.inner.frame(ids, embeds, group)
+        out = self.inner.frame(ids, embeds, group, keep)
         self.prefill_ms = (time.perf_counter() - t) * 1e3
         return out
 
@@ -115,6 +117,22 @@ class Assistant:
         self._dropped = 0
         self._stage_ms: dict[str, float] = {}
         self._t0 = time.perf_counter()
+        self._pruned = 0
+        self._prune = self.config.prune_static_tokens and self._pruning_supported()
+
+    def _pruning_supported(self) -> bool:
+        from onsight.runtime.pruning import graph_accepts_pruned_frames
+
+        sessions = getattr(self.backend, "sessions", None)
+        if sessions is None:  # TensorRT plans are built with a frame-token range
+            return True
+        if graph_accepts_pruned_frames(sessions["frame_step"].get_inputs()):
+            return True
+        log.warning(
+            "this bundle's frame step takes exactly N tokens; re-export it to use "
+            "--prune-static (pruning is off)"
+        )
+        return False
 
     # ---- the three verbs ----
 
@@ -218,10 +236,23 @@ class Assistant:
             if self._is_duplicate(embeds):
                 self._skipped += 1
                 return
+            keep = None
+            if self._prune:
+                from onsight.runtime.pruning import dycoke_keep
+
+                keep = dycoke_keep(
+                    embeds,
+                    self._last_embeds,
+                    self._processed,
+                    self.bundle.layout.k,
+                    self.config.prune_ratio,
+                )
+                if keep is not None:
+                    self._pruned += embeds.shape[0] - len(keep)
             self._last_embeds = embeds
             self._stepper.decode_ms = 0.0
             try:
-                out: FrameOutcome = self._loop.on_frame(embeds)
+                out: FrameOutcome = self._loop.on_frame(embeds, keep)
             except Exception as e:
                 raise OnsightError(f"inference failed at frame {frame.index}: {e}") from e
             self._processed += 1
@@ -238,6 +269,7 @@ class Assistant:
         yield from events
 
     def stats(self) -> StatsEvent:
+        self._check_open()
         cache = self._stepper.inner.cache
         elapsed = max(1e-9, time.perf_counter() - self._t0)
         return StatsEvent(
@@ -250,6 +282,7 @@ class Assistant:
             evictions=cache.evictions,
             fps_processed=round(self._processed / elapsed, 3),
             backend=self.backend.name,
+            tokens_pruned=self._pruned,
         )
 
     def warn(self, message: str) -> WarningEvent:

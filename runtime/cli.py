@@ -104,6 +104,7 @@ def cmd_narrate(a: argparse.Namespace) -> int:
         temperature=a.temperature,
         decode_workers=a.decode_workers,
         skip_duplicate_frames=a.skip_duplicates,
+        prune_static_tokens=a.prune_static,
     )
     transcript = Transcript(a.transcript) if a.transcript else None
     try:
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--ask", action="append", help="a question to ask at the first frame (repeatable)"
     )
+    n.add_argument(
+        "--prune-static", action="store_true", help="DyCoke-style temporal token pruning"
+    )
     n.add_argument("--skip-duplicates", action="store_true", help="skip near-duplicate frames")
     n.set_defaults(func=cmd_narrate)
 
@@ -226,10 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DELEGATED = ("run", "eval", "bench", "train-demo", "demo-video")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Delegated commands own their flags: hand them everything after the command name
+    # unchanged (argparse.REMAINDER refuses a first argument that starts with "-").
+    head = next((i for i, x in enumerate(argv) if x not in ("-v", "--verbose")), None)
+    if head is not None and argv[head] in DELEGATED:
+        args = parser.parse_args(argv[: head + 1])
+        rest = argv[head + 1 :]
+        args.rest = rest[1:] if rest[:1] == ["--"] else rest
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

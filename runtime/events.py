@@ -52,6 +52,7 @@ class StatsEvent(Event):
     evictions: int
     fps_processed: float
     backend: str
+    tokens_pruned: int = 0  # vision tokens not prefilled thanks to temporal pruning (if on)
 
 
 @dataclass(frozen=True)

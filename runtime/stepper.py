@@ -57,16 +57,24 @@ class CachedStepper:
             self.cache.write(i, nk[i], nv[i], pos)
         return logits
 
-    def frame(self, ids: list[int], embeds: np.ndarray, group: int) -> np.ndarray:
+    def frame(
+        self, ids: list[int], embeds: np.ndarray, group: int, keep: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`keep` (sorted token indices, at least k) prefills only those vision tokens."""
+        full = embeds
+        prev_full = self.prev_embeds if self.prev_embeds is not None else np.zeros_like(full)
+        if keep is not None:
+            embeds, prev_full = full[keep], prev_full[keep]
         t, n = len(ids), embeds.shape[0]
         self.cache.ensure_room(t + n, t + self.layout.k, self.inv_freq)
         table = self.cache.table
         pos_text = table.append(t, FRAME, group)
         pos_vis = table.append(n, FRAME, group, vision=True)
         positions = np.concatenate([pos_text, pos_vis])
-        prev = self.prev_embeds if self.prev_embeds is not None else np.zeros_like(embeds)
-        logits, nk, nv, kept = self.run_frame(np.asarray(ids, np.int64), embeds, prev, positions)
-        self.prev_embeds = embeds
+        logits, nk, nv, kept = self.run_frame(
+            np.asarray(ids, np.int64), embeds, prev_full, positions
+        )
+        self.prev_embeds = full
         kept_by_layer = dict(zip(self.all_routed, kept, strict=True))
         for i in range(self.layout.num_layers):
             if i in self.layout.routed:

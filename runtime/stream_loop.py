@@ -120,11 +120,15 @@ class StreamLoop:
         """Queue a question; it is injected at the next frame boundary."""
         self.questions.append(question)
 
-    def on_frame(self, embeds: np.ndarray) -> FrameOutcome:
-        """One frame's vision tokens (N, hidden) through prefill, decision and any turns."""
+    def on_frame(self, embeds: np.ndarray, keep: np.ndarray | None = None) -> FrameOutcome:
+        """One frame's vision tokens (N, hidden) through prefill, decision and any turns;
+        `keep` restricts the prefill to those token indices (training-free pruning)."""
         if not self.started:
             self.start()
-        logits = self.stepper.frame(self._pending, embeds, self._group())
+        if keep is None:
+            logits = self.stepper.frame(self._pending, embeds, self._group())
+        else:
+            logits = self.stepper.frame(self._pending, embeds, self._group(), keep)
         self.frames_seen += 1
         speak, p_interval = decide(logits, self.t.interval_id, self.threshold)
         out = FrameOutcome(speak=speak, p_interval=p_interval)

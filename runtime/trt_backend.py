@@ -290,14 +290,18 @@ class TrtStepper:
             self._append(i, out[f"new_key_{i}"], out[f"new_value_{i}"], pos)
         return np.asarray(out["logits"], np.float32)
 
-    def frame(self, ids: list[int], embeds: np.ndarray, group: int) -> np.ndarray:
+    def frame(self, ids: list[int], embeds: np.ndarray, group: int, keep=None) -> np.ndarray:
+        full = embeds
+        prev_full = self.prev_embeds if self.prev_embeds is not None else np.zeros_like(full)
+        if keep is not None:
+            embeds, prev_full = full[keep], prev_full[keep]
         t, n = len(ids), embeds.shape[0]
         self._ensure(t + n, t + self.layout.k)
         table = self.cache.table
         pos_text = table.append(t, FRAME, group)
         pos_vis = table.append(n, FRAME, group, vision=True)
         positions = np.concatenate([pos_text, pos_vis])
-        prev = self.prev_embeds if self.prev_embeds is not None else np.zeros_like(embeds)
+        prev = prev_full
         dt = np.dtype(self.layout.dtype)
         kept_names = tuple(f"kept_{i}" for i in self.all_routed)
         out = self.b.run(
@@ -310,7 +314,7 @@ class TrtStepper:
             ),
             fetch=("logits", *kept_names),
         )
-        self.prev_embeds = embeds
+        self.prev_embeds = full
         for i in range(self.layout.num_layers):
             if i in self.layout.routed:
                 pos = np.concatenate([pos_text, pos_vis[np.asarray(out[f"kept_{i}"])]])

@@ -89,6 +89,7 @@ def check_plan_compat(
 def _profiles(bundle) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
     """min / opt / max shapes of every dynamic input, per graph."""
     n = bundle.tokens_per_frame
+    k, hidden = bundle.layout.k, bundle.hidden_size
     return {
         "vision": {
             "frames": (
@@ -103,7 +104,10 @@ def _profiles(bundle) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
         },
         "frame_step": {
             "input_ids": ((1,), (1,), (MAX_FRAME_TEXT,)),
-            "position_ids": ((1 + n,), (1 + n,), (MAX_FRAME_TEXT + n,)),
+            "position_ids": ((1 + k,), (1 + n,), (MAX_FRAME_TEXT + n,)),
+            # frames may be pruned to as few as k tokens (DyCoke-style), never fewer
+            "frame_embeds": ((k, hidden), (n, hidden), (n, hidden)),
+            "prev_frame_embeds": ((k, hidden), (n, hidden), (n, hidden)),
         },
     }
 

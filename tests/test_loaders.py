@@ -21,13 +21,14 @@ from ckpt_builders import (
     save_videollm_adapter,
     tokenizer_without_v,
 )
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
 from onsight.exporter.config import ModConfig
 from onsight.exporter.loaders import detect_format, load_checkpoint, prepare_tokenizer
 from onsight.exporter.model import save_native
 from onsight.exporter.reference import Segment, recompute_logits, reference_loop
 from onsight.runtime.errors import CheckpointError
-from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
 
 VISION_HIDDEN, HIDDEN = 48, 64
 

