@@ -21,6 +21,8 @@ import numpy as np
 
 from onsight.runtime.stream_loop import TemplateIds
 from onsight.runtime.synthetic import Stream, WorldConfig, curriculum, generate_stream
+from onsight.runtime.synthetic.grammar import COLOURS, SHAPES
+from onsight.runtime.synthetic.world import FrameState
 
 IGNORE = -100  # label of positions without an LM loss (torch's cross-entropy default)
 
@@ -34,6 +36,7 @@ class Example:
     frame_pos: np.ndarray  # (F, N) int64 sequence positions of each frame's vision tokens
     stream_label: np.ndarray  # (F,) int64 "," (stay silent) or "]" (speak) after each frame
     frames: np.ndarray  # (F, S, S, 3) uint8 RGB
+    aux: np.ndarray  # (F, 10, AUX_DIM) float32 per-token scene targets (see frame_targets)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,27 @@ class Batch:
     frame_pos: np.ndarray  # (B, F, N)
     stream_label: np.ndarray  # (B, F)
     frames: np.ndarray  # (B, F, S, S, 3)
+    aux: np.ndarray  # (B, F, 10, AUX_DIM)
+
+
+# Auxiliary targets per frame token: colours and shapes present (multi-hot), plus "dark".
+# Grid token c covers 3x3 cell c (by object centre); the pooled token covers the whole frame.
+# They teach the tower what is where within a few hundred steps, which the sparse narration
+# loss alone does slowly; the auxiliary head is dropped after training.
+AUX_DIM = len(COLOURS) + len(SHAPES) + 1
+
+
+def frame_targets(state: FrameState, width: int, height: int) -> np.ndarray:
+    """(10, AUX_DIM) targets for the 1 + 3x3 tokens of one frame."""
+    out = np.zeros((10, AUX_DIM), np.float32)
+    for o in state.objects:
+        col = min(2, max(0, int(o.x * 3 // width)))
+        row = min(2, max(0, int(o.y * 3 // height)))
+        for token in (0, 1 + row * 3 + col):
+            out[token, COLOURS.index(o.colour)] = 1.0
+            out[token, len(COLOURS) + SHAPES.index(o.shape)] = 1.0
+    out[:, -1] = float(state.dark)
+    return out
 
 
 def build_example(
@@ -100,6 +124,9 @@ def build_example(
         frame_pos=np.stack(frame_pos).astype(np.int64),
         stream_label=np.asarray(stream_label, dtype=np.int64),
         frames=stream.frames,
+        aux=np.stack(
+            [frame_targets(st, stream.config.width, stream.config.height) for st in stream.states]
+        ),
     )
 
 
@@ -117,6 +144,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         frame_pos=np.stack([e.frame_pos for e in examples]),
         stream_label=np.stack([e.stream_label for e in examples]),
         frames=np.stack([e.frames for e in examples]),
+        aux=np.stack([e.aux for e in examples]),
     )
 
 

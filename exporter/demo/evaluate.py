@@ -160,10 +160,16 @@ def narration_perplexity(checkpoint: str | Path, streams: Sequence[Stream]) -> f
     total, count = 0.0, 0
     for stream in streams:
         # Questions are left out: answers are scored by accuracy, not perplexity.
-        plain = Stream(stream.seed, stream.config, stream.fps, stream.frames, stream.states,
-                       stream.events, ())
-        ex = build_example(plain, t, lambda s: tok.encode(s, add_special_tokens=False).ids,
-                           v_id, model.cfg.tokens_per_frame)
+        plain = Stream(
+            stream.seed, stream.config, stream.fps, stream.frames, stream.states, stream.events, ()
+        )
+        ex = build_example(
+            plain,
+            t,
+            lambda s: tok.encode(s, add_special_tokens=False).ids,
+            v_id,
+            model.cfg.tokens_per_frame,
+        )
         with torch.no_grad():
             x = batched_hidden(
                 model,
@@ -240,8 +246,10 @@ def markdown(report: dict) -> str:
     for k, r in ex["recall_by_kind"].items():
         rows.append(f"| recall: {k} ({ex['events_by_kind'][k]} events) | {r:.3f} |")
     qa = report["question_accuracy"]
-    rows.append(f"| question accuracy ({report['n_questions']} questions) | "
-                + (f"{qa:.3f} |" if qa is not None else "- |"))
+    rows.append(
+        f"| question accuracy ({report['n_questions']} questions) | "
+        + (f"{qa:.3f} |" if qa is not None else "- |")
+    )
     ppl = report["perplexity"]
     rows.append(f"| LM perplexity of GT narrations | {ppl:.3f} |" if ppl else "| perplexity | - |")
     return "\n".join(rows)
@@ -264,8 +272,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     report = evaluate(
-        args.engine, args.streams, args.seed_start, args.frames, args.window, args.stage,
-        args.checkpoint, args.threads,
+        args.engine,
+        args.streams,
+        args.seed_start,
+        args.frames,
+        args.window,
+        args.stage,
+        args.checkpoint,
+        args.threads,
     )
     print(markdown(report))
     if args.out:

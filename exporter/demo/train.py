@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
-from onsight.exporter.demo.data import IGNORE, Batch, BatchSource
+from onsight.exporter.demo.data import AUX_DIM, IGNORE, Batch, BatchSource
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
 from onsight.exporter.model import StreamingModel, save_native
 
@@ -112,7 +112,11 @@ def _block(
 
 
 def batched_hidden(
-    model: StreamingModel, ids: torch.Tensor, frames: torch.Tensor, frame_pos: torch.Tensor
+    model: StreamingModel,
+    ids: torch.Tensor,
+    frames: torch.Tensor,
+    frame_pos: torch.Tensor,
+    frame_tokens: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Final hidden states (B, L, hidden) of padded streams, routed as the streaming step.
 
@@ -124,6 +128,8 @@ def batched_hidden(
     _, nf, N = frame_pos.shape
     hidden = dec.embed.weight.shape[1]
     emb = model.encoder(frames.flatten(0, 1)).view(B, nf * N, hidden)  # (B, F*N, hidden)
+    if frame_tokens is not None:  # the caller's auxiliary loss reads the frame tokens
+        frame_tokens.append(emb.view(B, nf, N, hidden))
     vis_idx = frame_pos.reshape(B, nf * N)
     x = dec.embed(ids.clamp(max=dec.embed.num_embeddings - 1))
     x = x.scatter(1, vis_idx[..., None].expand(-1, -1, hidden), emb.to(x.dtype))
@@ -175,6 +181,7 @@ def batched_logits(model: StreamingModel, ids, frames, frame_pos) -> torch.Tenso
 class LossParts:
     total: torch.Tensor
     lm: float  # mean CE of narration / answer tokens and their EOS
+    aux: float  # BCE of the per-token scene targets (0 without an auxiliary head)
     stream: float  # weighted CE of the speak-or-stay-silent decision
     speak_recall: float  # speak frames where p(",") fell below the threshold
     silent_acc: float  # silent frames where p(",") stayed above it
@@ -186,10 +193,17 @@ def compute_loss(
     interval_id: int,
     speak_weight: float,
     threshold: float,
+    aux_head: nn.Module | None = None,
+    aux_weight: float = 0.5,
 ) -> LossParts:
-    """VideoLLM-online's LM loss + stream loss, the speak frames weighted up."""
+    """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
+    auxiliary head, a per-frame scene loss on the frame tokens."""
     dec = model.decoder
-    x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"])
+    tokens: list[torch.Tensor] = []
+    x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"], tokens)
+    aux = torch.zeros(())
+    if aux_head is not None:
+        aux = F.binary_cross_entropy_with_logits(aux_head(tokens[0]).float(), batch["aux"])
     # LM loss at labelled positions only: the head runs on a few hundred rows, not all.
     lm_mask = batch["labels"] != IGNORE
     lm_logits = dec.lm_head(dec.final_norm(x[lm_mask]))
@@ -208,7 +222,8 @@ def compute_loss(
         said = p_int < threshold
         speak_recall = float(said[speak].float().mean()) if speak.any() else 1.0
         silent_acc = float((~said[~speak]).float().mean()) if (~speak).any() else 1.0
-    return LossParts(lm + stream, lm.item(), stream.item(), speak_recall, silent_acc)
+    total = lm + stream + aux_weight * aux
+    return LossParts(total, lm.item(), aux.item(), stream.item(), speak_recall, silent_acc)
 
 
 # ---- schedule ----
@@ -226,10 +241,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this share of the peak
     warmup: int = 100  # linear warmup steps (at most 5% of the run)
     weight_decay: float = 0.05
-    speak_weight: float = 4.0  # stream-loss weight of speak frames (~1 in 5 frames speaks)
+    speak_weight: float = 3.0  # stream-loss weight of speak frames (~1 in 5 frames speaks)
     question_prob: float = 0.15  # chance a training frame carries a question
     stage_fractions: tuple[float, float] = (0.1, 0.3)  # curriculum 0 -> 1 -> 2 boundaries
     keep_ratio: float = 0.2  # MoD keep ratio (1.0: the full-compute twin)
+    aux_weight: float = 0.5  # weight of the per-frame scene loss (0: VideoLLM-online's alone)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -285,9 +301,10 @@ def to_tensors(batch: Batch, device: str) -> dict[str, torch.Tensor]:
 # ---- checkpoints: tensors and plain numbers only, loaded with weights_only=True ----
 
 
-def save_state(path: Path, model, opt, step: int, tcfg: TrainConfig) -> None:
+def save_state(path: Path, model, aux_head, opt, step: int, tcfg: TrainConfig) -> None:
     state = {
         "model": model.state_dict(),
+        "aux": aux_head.state_dict() if aux_head is not None else {},
         "optim": opt.state_dict(),
         "step": step,
         "train_config": json.dumps(asdict(tcfg)),
@@ -320,6 +337,7 @@ def train(
     resume: bool,
     minutes: float | None,
     fit_steps: bool = False,
+    extend_to: int | None = None,
 ) -> Path:
     """Train into `out` (tokenizer.json, train_state.pt, log.jsonl); returns the native dir."""
     from tqdm import tqdm
@@ -330,18 +348,24 @@ def train(
     start = 0
     if resume and state_path.is_file():
         state = load_state(state_path)
-        tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
+        saved = TrainConfig(**_tuples(json.loads(state["train_config"])))
         start = int(state["step"])
+        # A longer --steps extends the run: the cosine is re-drawn over the new total.
+        tcfg = dataclasses.replace(saved, steps=max(saved.steps, extend_to or 0))
     elif state_path.exists():
         raise SystemExit(f"{state_path} exists: pass --resume, or choose another --out")
     if not tok_path.is_file():
         train_tokenizer(tok_path)
     model = build_model(tok_path, tcfg.keep_ratio, tcfg.seed).to(device).train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95)
-    )
+    aux_head = None
+    if tcfg.aux_weight > 0:
+        aux_head = nn.Linear(model.cfg.llm_hidden, AUX_DIM).to(device)
+    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95))
     if start:
         model.load_state_dict(state["model"])
+        if aux_head is not None and state.get("aux"):
+            aux_head.load_state_dict(state["aux"])
         opt.load_state_dict(state["optim"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed at step %d", start)
@@ -368,10 +392,18 @@ def train(
             batch = to_tensors(ahead.pop(step).result(), device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(tcfg, step)
-            parts = compute_loss(model, batch, interval_id, tcfg.speak_weight, tpl.threshold)
+            parts = compute_loss(
+                model,
+                batch,
+                interval_id,
+                tcfg.speak_weight,
+                tpl.threshold,
+                aux_head,
+                tcfg.aux_weight,
+            )
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
             opt.step()
             step += 1
             if fit_steps and step == start + 5:
@@ -386,6 +418,7 @@ def train(
                 "stage": stage_at(tcfg, step - 1),
                 "lr": lr_at(tcfg, step - 1),
                 "lm": round(parts.lm, 4),
+                "aux": round(parts.aux, 4),
                 "stream": round(parts.stream, 4),
                 "speak_recall": round(parts.speak_recall, 3),
                 "silent_acc": round(parts.silent_acc, 3),
@@ -396,14 +429,16 @@ def train(
             logf.flush()
             bar.update(1)
             bar.set_postfix(
-                lm=f"{parts.lm:.3f}", st=f"{parts.stream:.3f}",
-                spk=f"{parts.speak_recall:.2f}", sil=f"{parts.silent_acc:.2f}",
+                lm=f"{parts.lm:.3f}",
+                st=f"{parts.stream:.3f}",
+                spk=f"{parts.speak_recall:.2f}",
+                sil=f"{parts.silent_acc:.2f}",
             )
             if time.time() - last_save > 180 or step == tcfg.steps:
-                save_state(state_path, model, opt, step, tcfg)
+                save_state(state_path, model, aux_head, opt, step, tcfg)
                 last_save = time.time()
             if deadline and time.time() > deadline:
-                save_state(state_path, model, opt, step, tcfg)
+                save_state(state_path, model, aux_head, opt, step, tcfg)
                 log.warning("time budget reached at step %d of %d", step, tcfg.steps)
                 break
     finally:
@@ -428,20 +463,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3000)")
     p.add_argument(
-        "--minutes", type=float, default=None,
+        "--minutes",
+        type=float,
+        default=None,
         help="wall-time budget; alone, the step count is fitted to it after 5 timed steps",
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/train_state.pt (its settings; a larger --steps extends the run)",
+    )
     p.add_argument("--keep-ratio", type=float, default=0.2, help="MoD keep ratio r")
     p.add_argument("--full-compute", action="store_true", help="the r = 1 twin")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--frames", type=int, default=24, help="frames per training stream")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--speak-weight", type=float, default=4.0)
+    p.add_argument("--speak-weight", type=float, default=3.0)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="per-frame scene loss (0: off)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
-        "--snapshot", default=None, metavar="DIR",
+        "--snapshot",
+        default=None,
+        metavar="DIR",
         help="only write OUT's latest checkpoint as a native checkpoint to DIR, and exit",
     )
     return p.parse_args(argv)
@@ -470,11 +514,14 @@ def main(argv: list[str]) -> int:
         num_frames=args.frames,
         lr=args.lr,
         speak_weight=args.speak_weight,
+        aux_weight=args.aux_weight,
         keep_ratio=1.0 if args.full_compute else args.keep_ratio,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
-    native = train(Path(args.out), tcfg, args.device, args.resume, args.minutes, fit)
+    native = train(
+        Path(args.out), tcfg, args.device, args.resume, args.minutes, fit, extend_to=args.steps
+    )
     print(f"trained in {time.time() - t0:.0f} s; native checkpoint: {native}")
     return 0
 
