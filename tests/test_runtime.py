@@ -35,7 +35,8 @@ def _frames(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     ).astype(np.uint8)
 
 
-def test_runtime_equals_reference_token_by_token_with_eviction_and_question(tiny_bundle):
+def _loops(tiny_bundle):
+    """(bundle, ORT sessions, torch model, runtime loop, reference loop) on one bundle."""
     from tokenizers import Tokenizer
 
     path, model, tok_path = tiny_bundle
@@ -52,6 +53,11 @@ def test_runtime_equals_reference_token_by_token_with_eviction_and_question(tiny
     ref = reference_loop(
         model, tok_path, capacity=bundle.layout.capacity_dense, policy=bundle.policy
     )
+    return bundle, sessions, model, rt, ref
+
+
+def test_runtime_equals_reference_token_by_token_with_eviction_and_question(tiny_bundle):
+    bundle, sessions, model, rt, ref = _loops(tiny_bundle)
     pixels = _frames(100)
     embeds = model.encode_frames(torch.from_numpy(pixels)).numpy()
     np.testing.assert_allclose(sessions.encode(pixels[:4]), embeds[:4], atol=1e-5)
@@ -312,24 +318,9 @@ def test_runtime_and_tui_import_without_torch():
 
 def test_pruned_frames_match_the_reference(tiny_bundle):
     """DyCoke-style pruning prefills fewer tokens; runtime and reference still agree."""
-    from tokenizers import Tokenizer
-
     from onsight.runtime.pruning import dycoke_keep
 
-    path, model, tok_path = tiny_bundle
-    bundle = load_bundle(path)
-    sessions = OrtSessions(bundle, "cpu")
-    tok = Tokenizer.from_file(str(tok_path))
-    rt = StreamLoop(
-        sessions.stepper(),
-        build_template_ids(tok, bundle.template),
-        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
-        threshold=bundle.generation["threshold"],
-        max_new_tokens=bundle.generation["max_new_tokens"],
-    )
-    ref = reference_loop(
-        model, tok_path, capacity=bundle.layout.capacity_dense, policy=bundle.policy
-    )
+    bundle, sessions, model, rt, ref = _loops(tiny_bundle)
     embeds = model.encode_frames(torch.from_numpy(_frames(12))).numpy()
     prev, pruned = None, 0
     for f in range(12):
