@@ -1,4 +1,5 @@
-"""What `onsight bench` times: probes over onsight's steppers, the two peers, machine peaks.
+"""What `onsight bench` times: probes over onsight's steppers, the two peers, end-to-end and
+memory runs through the Assistant, and this machine's peaks.
 
 Every probe has a `before(i)` (untimed: put the cache back to its warm state) and a `run(i)`
 (timed), so that the interleaved runner measures every configuration at the same cache fill,

@@ -83,7 +83,10 @@ class _TimedStepper:
 
     def frame(self, ids, embeds, group, keep=None):
         t = time.perf_counter()
-        out = self.inner.frame(ids, embeds, group, keep)
+        if keep is None:  # wrapped steppers need not know about pruning
+            out = self.inner.frame(ids, embeds, group)
+        else:
+            out = self.inner.frame(ids, embeds, group, keep)
         self.prefill_ms = (time.perf_counter() - t) * 1e3
         return out
 

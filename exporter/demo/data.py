@@ -21,7 +21,7 @@ import numpy as np
 
 from onsight.runtime.stream_loop import TemplateIds
 from onsight.runtime.synthetic import Stream, WorldConfig, curriculum, generate_stream
-from onsight.runtime.synthetic.grammar import COLOURS, SHAPES
+from onsight.runtime.synthetic.grammar import COLOURS, EVENT_KINDS, SHAPES
 from onsight.runtime.synthetic.world import FrameState
 
 IGNORE = -100  # label of positions without an LM loss (torch's cross-entropy default)
@@ -37,6 +37,7 @@ class Example:
     stream_label: np.ndarray  # (F,) int64 "," (stay silent) or "]" (speak) after each frame
     frames: np.ndarray  # (F, S, S, 3) uint8 RGB
     aux: np.ndarray  # (F, 10, AUX_DIM) float32 per-token scene targets (see frame_targets)
+    change: np.ndarray  # (F, 10, CHANGE_DIM) float32 per-token change targets (change_targets)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Batch:
     stream_label: np.ndarray  # (B, F)
     frames: np.ndarray  # (B, F, S, S, 3)
     aux: np.ndarray  # (B, F, 10, AUX_DIM)
+    change: np.ndarray  # (B, F, 10, CHANGE_DIM)
 
 
 # Auxiliary targets per frame token: colours and shapes present (multi-hot), plus "dark".
@@ -68,6 +70,28 @@ def frame_targets(state: FrameState, width: int, height: int) -> np.ndarray:
             out[token, COLOURS.index(o.colour)] = 1.0
             out[token, len(COLOURS) + SHAPES.index(o.shape)] = 1.0
     out[:, -1] = float(state.dark)
+    return out
+
+
+# Change targets, read from the decoder's output at every vision token: the kinds of event at
+# this frame (shared by its tokens) and, per grid cell, whether an object there is moving.
+# Both need the frame compared with the ones before it: dense supervision for exactly the
+# cross-frame attention that the one speak decision per frame teaches only slowly.
+CHANGE_DIM = len(EVENT_KINDS) + 1
+
+
+def change_targets(stream: Stream) -> np.ndarray:
+    """(F, 10, CHANGE_DIM) change targets of a stream."""
+    w, h = stream.config.width, stream.config.height
+    out = np.zeros((stream.num_frames, 10, CHANGE_DIM), np.float32)
+    for e in stream.events:
+        out[e.frame_index, :, EVENT_KINDS.index(e.kind)] = 1.0
+    for f, state in enumerate(stream.states):
+        for o in state.objects:
+            if o.moving:
+                col = min(2, max(0, int(o.x * 3 // w)))
+                row = min(2, max(0, int(o.y * 3 // h)))
+                out[f, 0, -1] = out[f, 1 + row * 3 + col, -1] = 1.0
     return out
 
 
@@ -127,6 +151,7 @@ def build_example(
         aux=np.stack(
             [frame_targets(st, stream.config.width, stream.config.height) for st in stream.states]
         ),
+        change=change_targets(stream),
     )
 
 
@@ -145,6 +170,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         stream_label=np.stack([e.stream_label for e in examples]),
         frames=np.stack([e.frames for e in examples]),
         aux=np.stack([e.aux for e in examples]),
+        change=np.stack([e.change for e in examples]),
     )
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
-from onsight.exporter.demo.data import AUX_DIM, IGNORE, Batch, BatchSource
+from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, IGNORE, Batch, BatchSource
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
 from onsight.exporter.model import StreamingModel, save_native
 
@@ -195,6 +195,7 @@ def compute_loss(
     threshold: float,
     aux_head: nn.Module | None = None,
     aux_weight: float = 0.5,
+    change_head: nn.Module | None = None,
 ) -> LossParts:
     """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
     auxiliary head, a per-frame scene loss on the frame tokens."""
@@ -204,6 +205,11 @@ def compute_loss(
     aux = torch.zeros(())
     if aux_head is not None:
         aux = F.binary_cross_entropy_with_logits(aux_head(tokens[0]).float(), batch["aux"])
+    if change_head is not None:
+        fp = batch["frame_pos"].flatten(1)  # (B, F*N)
+        xv = x.gather(1, fp[..., None].expand(-1, -1, x.shape[-1]))
+        pred = change_head(dec.final_norm(xv)).float().view(batch["change"].shape)
+        aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
     # LM loss at labelled positions only: the head runs on a few hundred rows, not all.
     lm_mask = batch["labels"] != IGNORE
     lm_logits = dec.lm_head(dec.final_norm(x[lm_mask]))
@@ -357,15 +363,17 @@ def train(
     if not tok_path.is_file():
         train_tokenizer(tok_path)
     model = build_model(tok_path, tcfg.keep_ratio, tcfg.seed).to(device).train()
-    aux_head = None
+    aux_head = change_head = None
     if tcfg.aux_weight > 0:
         aux_head = nn.Linear(model.cfg.llm_hidden, AUX_DIM).to(device)
-    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
+        change_head = nn.Linear(model.cfg.llm_hidden, CHANGE_DIM).to(device)
+    heads = nn.ModuleDict({"scene": aux_head, "change": change_head}) if aux_head else None
+    params = list(model.parameters()) + (list(heads.parameters()) if heads else [])
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95))
     if start:
         model.load_state_dict(state["model"])
-        if aux_head is not None and state.get("aux"):
-            aux_head.load_state_dict(state["aux"])
+        if heads is not None and state.get("aux"):
+            heads.load_state_dict(state["aux"])
         opt.load_state_dict(state["optim"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed at step %d", start)
@@ -400,6 +408,7 @@ def train(
                 tpl.threshold,
                 aux_head,
                 tcfg.aux_weight,
+                change_head,
             )
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -435,10 +444,10 @@ def train(
                 sil=f"{parts.silent_acc:.2f}",
             )
             if time.time() - last_save > 180 or step == tcfg.steps:
-                save_state(state_path, model, aux_head, opt, step, tcfg)
+                save_state(state_path, model, heads, opt, step, tcfg)
                 last_save = time.time()
             if deadline and time.time() > deadline:
-                save_state(state_path, model, aux_head, opt, step, tcfg)
+                save_state(state_path, model, heads, opt, step, tcfg)
                 log.warning("time budget reached at step %d of %d", step, tcfg.steps)
                 break
     finally:
