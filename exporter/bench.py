@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"
 RATIOS = (1.0, 0.5, 0.2)  # keep ratios measured side by side; the smallest is the shipped one
+GRAPH_SOURCES = ("onnx_export.py", "decoder.py", "vision.py", "model.py", "bundle_writer.py")
 
 
 @dataclass(frozen=True)
@@ -122,26 +123,6 @@ class Workspace:
 # ---- building (cached) ----
 
 
-def wordlevel_tokenizer(path: Path, vocab_size: int, bos: str, eos: str) -> Path:
-    """A word-level tokenizer with exactly `vocab_size` ids (template words first, fillers
-    after) and `<v>` appended last: the LM's embedding and lm_head get the real size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from onsight.exporter.config import DEFAULT_SYSTEM_PROMPT
-
-    words = ["[UNK]", bos, eos, *",.:;[]!?'\"-()"]
-    text = (DEFAULT_SYSTEM_PROMPT + " User Assistant").replace(",", " ").replace(".", " ")
-    words += [w for w in dict.fromkeys(text.split()) if w not in words]
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.add_special_tokens([bos, eos, "<v>"])
-    assert tok.token_to_id("<v>") == vocab_size, "<v> must sit just outside the LM's vocabulary"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    return path
-
-
 def _export(model, tok: Path, d: Path, r: float, capacity: int, parity: int, router) -> Path:
     from onsight.exporter.bundle_writer import ExportOptions, export_bundle
 
@@ -225,7 +206,7 @@ def build_preset(p: Preset, cache: Path) -> Workspace:
     tok = cache / "tokenizer.json"
     tpl = ModelConfig(decoder=p.decoder).template
     if not tok.is_file():
-        wordlevel_tokenizer(tok, int(p.decoder["vocab_size"]), tpl.bos, tpl.eos)
+        peers.wordlevel_tokenizer(tok, int(p.decoder["vocab_size"]), tpl.bos, tpl.eos)
     ws = Workspace({}, min(RATIOS), vision=dataclasses.asdict(p.vision))
     ws.notes.append(f"{p.name}: random weights (seed 0)")
     model = None
@@ -273,6 +254,8 @@ def build_engine(engine: Path, cache: Path) -> Workspace:
                                     router)  # fmt: skip
         _peers(ws, model, cache)
         del model
+        ws.notes.append(f"{engine}: its own weights; keep ratios other than {r0} and the peers "
+                        f"use the same weights, from {ckpt}")  # fmt: skip
     else:
         ws.notes.append(f"no checkpoint at {ckpt}: only keep ratio {r0} measured, no peers")
     _int8(ws, cache)
@@ -325,7 +308,7 @@ class Bench:
             sp = peers.StepperProbes(gs.stepper(), warm, self.embeds, ids.interval_id)
             probes.append(sp.frame(f"onsight r={r}"))
             toks = [1 + (b.layout.k if i in b.layout.routed else N) for i in range(dims.layers)]
-            floors[f"onsight r={r}"] = report.step_floor(dims, toks, sp.lengths, 4)
+            floors[f"onsight r={r}"] = report.step_floor(dims, toks, sp.lengths, 4, b.layout)
         name = "vision encoder (1 frame)"
         probes.append(peers.Probe(name, lambda i: vis.encode(px[i % len(px)][None])))
         floors[name] = report.vision_floor(ws.vision, b0.image_size, dims.hidden,
@@ -363,13 +346,13 @@ class Bench:
                        peers.Probe(f"vision encoder (1 frame) {label}",
                                    lambda i: s.encode(px[i % len(px)][None]))]  # fmt: skip
         dims = report.LMDims.from_manifest(b.manifest)
-        floor = report.step_floor(dims, [1] * dims.layers, sp.lengths, 1 if int8 else 4)
+        floor = report.step_floor(dims, [1] * dims.layers, sp.lengths, 1 if int8 else 4, b.layout)
         self._record(peers.interleave(probes, self.o.iters, self.o.warmup), {probes[0].name: floor})
         s.close()
 
     def runtime(self) -> None:
         """Decode, then end to end on a real video and memory over a long stream (Assistant)."""
-        from onsight.runtime.assistant import Assistant, AssistantConfig
+        from onsight.runtime.assistant import AssistantConfig
 
         ws, o = self.ws, self.o
         variants = [("fp32", ws.bundles[ws.ship_ratio], False)]
@@ -387,20 +370,30 @@ class Bench:
             runs.append(("fp32 r=1.0", ws.bundles[1.0], ["fast"]))
         memory_on = runs[-1 if o.quick else len(variants) - 1][0]
         for label, path, run_modes in runs:
-            with Assistant(path, AssistantConfig(backend=o.backend, stats_every=10**9)) as a:
-                if ws.scripted:
-                    t = a.bundle.manifest["token_ids"]
-                    # no public hook yet: wrap the stepper the Assistant's loop calls
-                    a._stepper.inner = peers.ScriptedSpeech(
-                        a._stepper.inner, int(t["interval"]), int(t["eos"]), o.speak_every,
-                        o.narration_tokens)  # fmt: skip
-                for mode in run_modes if o.video else []:
-                    log.info("end to end: %s, %s, %d frames", label, mode, o.e2e_frames)
-                    self.res["e2e"].append(peers.run_e2e(a, o.video, label, mode, o.e2e_frames))
-                if label == memory_on:
-                    log.info("resident memory over a long stream: %s", label)
-                    self.res["memory"] = peers.rss_stream(a, label, o.memory_frames)
-            gc.collect()
+            for prune in (False, True):  # pruning is fixed when the Assistant starts
+                todo = [m for m in run_modes if m.endswith("+prune") == prune] if o.video else []
+                memory = label == memory_on and not prune
+                if todo or memory:
+                    self._assistant(label, path, todo, memory, prune)
+
+    def _assistant(self, label: str, path: Path, modes: list[str], memory: bool, prune: bool):
+        from onsight.runtime.assistant import Assistant, AssistantConfig
+
+        o, extra = self.o, {"prune_static_tokens": True} if prune else {}
+        with Assistant(path, AssistantConfig(backend=o.backend, stats_every=10**9, **extra)) as a:
+            if self.ws.scripted:
+                t = a.bundle.manifest["token_ids"]
+                # no public hook yet: wrap the stepper the Assistant's loop calls
+                a._stepper.inner = peers.ScriptedSpeech(
+                    a._stepper.inner, int(t["interval"]), int(t["eos"]), o.speak_every,
+                    o.narration_tokens)  # fmt: skip
+            for mode in modes:
+                log.info("end to end: %s, %s, %d frames", label, mode, o.e2e_frames)
+                self.res["e2e"].append(peers.run_e2e(a, o.video, label, mode, o.e2e_frames))
+            if memory:
+                log.info("resident memory over a long stream: %s", label)
+                self.res["memory"] = peers.rss_stream(a, label, o.memory_frames)
+        gc.collect()
 
 
 # ---- the command ----
@@ -432,7 +425,10 @@ def parse_args(argv: list[str]) -> BenchOptions:
     preset = None if a.engine else (a.preset or "demo")
     name = preset or a.engine.name
     spec = dataclasses.asdict(PRESETS[preset]) if preset else str(a.engine.resolve())
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    for src in GRAPH_SOURCES:  # graphs from an older exporter are rebuilt, not measured
+        h.update((REPO / "exporter" / src).read_bytes())
+    key = h.hexdigest()[:8]
     return BenchOptions(
         preset=preset, engine=a.engine, backend=a.backend,
         out=a.out or REPO / "bench" / "results" / name,

@@ -85,6 +85,26 @@ def warm_stream(ids, embeds: np.ndarray, fill: int) -> list[Segment]:
     return warm
 
 
+def wordlevel_tokenizer(path: Path, vocab_size: int, bos: str, eos: str) -> Path:
+    """A word-level tokenizer with exactly `vocab_size` ids (template words first, fillers
+    after) and `<v>` appended last: the LM's embedding and lm_head get the real size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from onsight.exporter.config import DEFAULT_SYSTEM_PROMPT
+
+    words = ["[UNK]", bos, eos, *",.:;[]!?'\"-()"]
+    text = (DEFAULT_SYSTEM_PROMPT + " User Assistant").replace(",", " ").replace(".", " ")
+    words += [w for w in dict.fromkeys(text.split()) if w not in words]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.add_special_tokens([bos, eos, "<v>"])
+    assert tok.token_to_id("<v>") == vocab_size, "<v> must sit just outside the LM's vocabulary"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
 def interleave(probes: Sequence[Probe], iters: int, warmup: int) -> dict[str, list[float]]:
     """Milliseconds per call of each probe, measured round-robin so that drift (the shared
     cores, thermal state) hits every configuration equally; the start rotates each round."""
@@ -310,8 +330,9 @@ class ScriptedSpeech:
     def __getattr__(self, name: str):  # cache, reset, ... of the wrapped stepper
         return getattr(self.inner, name)
 
-    def frame(self, ids, embeds, group) -> np.ndarray:
-        logits = np.array(self.inner.frame(ids, embeds, group), np.float32)
+    def frame(self, ids, embeds, group, keep=None) -> np.ndarray:
+        args = (ids, embeds, group) if keep is None else (ids, embeds, group, keep)
+        logits = np.array(self.inner.frame(*args), np.float32)
         self._frames += 1
         speak = self.speak_every > 0 and self._frames % self.speak_every == 0
         logits[self.interval_id] = logits.min() - 100 if speak else logits.max() + 100
@@ -334,43 +355,31 @@ class ScriptedSpeech:
 
 def run_e2e(a, video: Path, label: str, mode: str, max_frames: int) -> dict[str, Any]:
     """Assistant.narrate over a real video, capture and decoding included. mode: `realtime`
-    (paced like a camera at the bundle's fps) or `fast`, plus `+skip` (skip_duplicate_frames)
-    or `+prune` (prune_static_tokens, where this AssistantConfig has it)."""
+    (paced like a camera at the bundle's fps) or `fast`, plus `+skip` (skip_duplicate_frames);
+    `+prune` needs an Assistant made with prune_static_tokens (it is read at start)."""
     from onsight.runtime.capture import open_source
 
-    flags = set(mode.split("+")[1:])
-    extras = {"skip_duplicate_frames": "skip" in flags}
-    if "prune_static_tokens" in {f.name for f in dataclasses.fields(a.config)}:
-        extras["prune_static_tokens"] = "prune" in flags
     a.reset()
-    a.config = dataclasses.replace(a.config, **extras)
-    realtime = mode.startswith("realtime")
-    before, skipped0 = a.stats().frames_processed, getattr(a, "_skipped", 0)
-    src = open_source(str(video), fps=a.fps, realtime=realtime)
+    a.config = dataclasses.replace(a.config, skip_duplicate_frames=mode.endswith("+skip"))
+    s0 = a.stats()
+    skipped0 = getattr(a, "_skipped", 0)
+    src = open_source(str(video), fps=a.fps, realtime=mode.startswith("realtime"))
     t = time.perf_counter()
     for _ in a.narrate(src, max_frames=max_frames):
         pass
     wall = time.perf_counter() - t
-    st = src.stats()
-    processed = a.stats().frames_processed - before
+    st, s1 = src.stats(), a.stats()
+    processed = s1.frames_processed - s0.frames_processed
     skipped = getattr(a, "_skipped", 0) - skipped0  # no public counter of skipped frames yet
     handled = processed + skipped
-    return {
-        "variant": label,
-        "mode": mode,
-        "video": video.name,
-        "target_fps": a.fps,
-        "wall_s": wall,
-        "fps_processed": processed / wall,
-        "fps_handled": handled / wall,
-        "frames_processed": processed,
-        "frames_skipped": skipped,
-        "frames_sampled": st.frames_sampled,
-        "frames_dropped": st.frames_dropped,
-        # max_frames stops the run; the source may have sampled one more frame by then
-        "all_sampled_processed": st.frames_dropped == 0
-        and handled >= min(st.frames_sampled, max_frames),
-    }
+    return {"variant": label, "mode": mode, "video": video.name, "target_fps": a.fps,
+            "wall_s": wall, "fps_processed": processed / wall, "fps_handled": handled / wall,
+            "frames_processed": processed, "frames_skipped": skipped,
+            "frames_sampled": st.frames_sampled, "frames_dropped": st.frames_dropped,
+            "tokens_pruned": getattr(s1, "tokens_pruned", 0) - getattr(s0, "tokens_pruned", 0),
+            # max_frames stops the run; the source may have sampled one more frame by then
+            "all_sampled_processed": st.frames_dropped == 0
+            and handled >= min(st.frames_sampled, max_frames)}  # fmt: skip
 
 
 def synthetic_frame(i: int, shape: tuple[int, int] = (480, 640)) -> np.ndarray:

@@ -34,6 +34,7 @@ from onsight.exporter.model import StreamingModel, save_native
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+VISION_RMS = 0.1  # frame tokens' per-dimension RMS cap (text embeddings start near 0.02)
 
 
 # ---- the model ----
@@ -204,7 +205,12 @@ def compute_loss(
     x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"], tokens)
     aux = torch.zeros(())
     if aux_head is not None:
-        aux = F.binary_cross_entropy_with_logits(aux_head(tokens[0]).float(), batch["aux"])
+        # Read through an RMS norm, so the probe cannot win by inflating the tokens...
+        emb = tokens[0]
+        rms = emb.float().pow(2).mean(-1, keepdim=True).sqrt()
+        aux = F.binary_cross_entropy_with_logits(aux_head(emb / (rms + 1e-6)), batch["aux"])
+        # ...and keep frame tokens near text-embedding scale (per-dim RMS <= VISION_RMS).
+        aux = aux + F.relu(rms - VISION_RMS).pow(2).mean()
     if change_head is not None:
         fp = batch["frame_pos"].flatten(1)  # (B, F*N)
         xv = x.gather(1, fp[..., None].expand(-1, -1, x.shape[-1]))
@@ -330,7 +336,29 @@ def build_model(tokenizer_json: Path, keep_ratio: float, seed: int) -> Streaming
 
     vocab = Tokenizer.from_file(str(tokenizer_json)).token_to_id(V_TOKEN)
     torch.manual_seed(seed)
-    return StreamingModel(demo_config(vocab, keep_ratio))
+    model = StreamingModel(demo_config(vocab, keep_ratio))
+    init_vision(model)
+    return model
+
+
+@torch.no_grad()
+def init_vision(model: StreamingModel) -> None:
+    """Variance-preserving convs and a bias-free projector at the LM's init scale.
+
+    With PyTorch's default init every frame token starts as nearly the same vector (the
+    projector's bias; cosine ~0.99 between any two tokens), ~3x the norm of a text embedding,
+    and training then inflates it further; the decision read at the last <v> is then mostly
+    that token's own input, and the speak decision never learns to use the other frames.
+    """
+    for m in model.encoder.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    proj = model.encoder.projector
+    std = float(model.decoder.lm.config.initializer_range)
+    for lin in (proj.fc1, proj.fc2):
+        nn.init.zeros_(lin.bias)
+    nn.init.normal_(proj.fc2.weight, std=std)
 
 
 # ---- the loop ----
