@@ -320,7 +320,8 @@ class Bench:
             probes += [tp.probe("torch eager (VideoLLM-online style)", last_only=False),
                        tp.probe("torch eager (logits_to_keep=1)", last_only=True)]  # fmt: skip
         if ws.optimum:
-            op = peers.OptimumPeer(ws.optimum, warm, N, ids.interval_id, dims.vocab)
+            ep = "CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider"
+            op = peers.OptimumPeer(ws.optimum, warm, N, ids.interval_id, dims.vocab, ep)
             probes.append(op.probe("optimum ORTModelForCausalLM"))
             self.res["meta"]["notes"].append(
                 "optimum's ORTModelForCausalLM takes input_ids only, so each frame is fed as "

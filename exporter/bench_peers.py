@@ -225,7 +225,7 @@ class TorchPeer:
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.lm = AutoModelForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.float32).eval()
+        self.lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
         self.embed = self.lm.get_input_embeddings()
         with torch.inference_mode():
             x = torch.cat([torch.cat([self._embeds(t), self._embeds(f)]) for t, f in warm])[None]
