@@ -75,7 +75,9 @@ class Counts:
 class BundleNarrator:
     """A bundle under the runtime's own engine: frames in, narrations and answers out."""
 
-    def __init__(self, engine: str | Path, threads: int | None = None):
+    def __init__(
+        self, engine: str | Path, threads: int | None = None, threshold: float | None = None
+    ):
         from tokenizers import Tokenizer
 
         from onsight.runtime.bundle import load_bundle
@@ -87,6 +89,8 @@ class BundleNarrator:
         self.tok = Tokenizer.from_file(str(self.bundle.tokenizer_path))
         self.ids = build_template_ids(self.tok, self.bundle.template)
         self.fps = float(self.bundle.generation["fps"])
+        # An override is for calibrating a new threshold; ship it in the model's template.
+        self.threshold = threshold or float(self.bundle.generation["threshold"])
 
     def loop(self):
         from onsight.runtime.stream_loop import StreamLoop
@@ -96,7 +100,7 @@ class BundleNarrator:
             self.sessions.stepper(),
             self.ids,
             encode=lambda s: self.tok.encode(s, add_special_tokens=False).ids,
-            threshold=float(gen["threshold"]),
+            threshold=self.threshold,
             max_new_tokens=int(gen["max_new_tokens"]),
         )
 
@@ -197,10 +201,11 @@ def evaluate(
     stage: int = 2,
     checkpoint: str | Path | None = None,
     threads: int | None = None,
+    threshold: float | None = None,
 ) -> dict[str, object]:
     """Narrate held-out streams through the bundle and score them."""
     world: WorldConfig = curriculum(stage)
-    narrator = BundleNarrator(engine, threads)
+    narrator = BundleNarrator(engine, threads, threshold)
     data = [generate_stream(seed_start + i, frames, world) for i in range(streams)]
     results = [narrator.run(s) for s in data]
     scores = pool_scores(results, data, window_s)
@@ -217,6 +222,7 @@ def evaluate(
         "frames": frames,
         "window_s": window_s,
         "world_stage": stage,
+        "threshold": narrator.threshold,
         "narration": scores,
         "question_accuracy": question_accuracy(answers, expected) if expected else None,
         "question_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
@@ -237,6 +243,9 @@ def markdown(report: dict) -> str:
     rows = [
         "| metric | value |",
         "| --- | --- |",
+        f"| held-out streams x frames (seeds from {report['seed_start']}) | "
+        f"{report['streams']} x {report['frames']} |",
+        f"| speak threshold p(interval) | {report['threshold']} |",
         f"| event precision (exact text, {report['window_s']} s window) | {ex['precision']:.3f} |",
         f"| event recall (exact) | {ex['recall']:.3f} |",
         f"| event F1 (exact) | {ex['f1']:.3f} |",
@@ -265,6 +274,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stage", type=int, default=2, help="world curriculum stage (2: full world)")
     p.add_argument("--checkpoint", default=None, help="native checkpoint, for perplexity")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="override the bundle's speak threshold"
+    )
     p.add_argument("--out", default=None, help="write the report as JSON here")
     return p.parse_args(argv)
 
@@ -280,6 +292,7 @@ def main(argv: list[str]) -> int:
         args.stage,
         args.checkpoint,
         args.threads,
+        args.threshold,
     )
     print(markdown(report))
     if args.out:

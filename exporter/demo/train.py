@@ -525,15 +525,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="DIR",
         help="only write OUT's latest checkpoint as a native checkpoint to DIR, and exit",
     )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="with --snapshot: the speak threshold"
+    )
     return p.parse_args(argv)
 
 
-def snapshot(run_dir: Path, native_out: Path) -> Path:
-    """The run's latest resumable checkpoint as a native checkpoint (for intermediate evals)."""
+def snapshot(run_dir: Path, native_out: Path, threshold: float | None = None) -> Path:
+    """The run's latest resumable checkpoint as a native checkpoint, optionally with a speak
+    threshold calibrated on validation streams (`onsight eval --threshold`)."""
     state = load_state(run_dir / STATE_FILE)
     tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
     model = build_model(run_dir / "tokenizer.json", tcfg.keep_ratio, tcfg.seed)
     model.load_state_dict(state["model"])
+    if threshold is not None:
+        tpl = dataclasses.replace(model.cfg.template, threshold=threshold)
+        model = model.with_config(model.cfg.replace(template=tpl))
     return save_native(model.eval(), run_dir / "tokenizer.json", native_out)
 
 
@@ -542,7 +549,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     if args.snapshot:
-        print(f"native checkpoint: {snapshot(Path(args.out), Path(args.snapshot))}")
+        native = snapshot(Path(args.out), Path(args.snapshot), args.threshold)
+        print(f"native checkpoint: {native}")
         return 0
     tcfg = TrainConfig(
         seed=args.seed,
