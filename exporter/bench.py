@@ -318,7 +318,8 @@ class Bench:
         if ws.hf_lm:
             tp = peers.TorchPeer(ws.hf_lm, warm, self.embeds, ids.interval_id)
             probes += [tp.probe("torch eager (VideoLLM-online style)", last_only=False),
-                       tp.probe("torch eager (logits_to_keep=1)", last_only=True)]  # fmt: skip
+                       tp.probe("torch eager (logits_to_keep=1)", last_only=True),
+                       tp.probe("torch eager (logits_to_keep=1, 1 thread)", True, 1)]  # fmt: skip
         if ws.optimum:
             ep = "CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider"
             op = peers.OptimumPeer(ws.optimum, warm, N, ids.interval_id, dims.vocab, ep)

@@ -177,8 +177,7 @@ def restore(stepper, snap: _Snapshot) -> None:
     """Back to the warm fill: slots past each saved length become invalid again."""
     c = stepper.cache
     for i, n in enumerate(snap.lengths):
-        c.masks[i][n:] = False
-        c.lengths[i] = n
+        c.truncate(i, n)
     c.table = copy.deepcopy(snap.table)
 
 
@@ -224,7 +223,7 @@ class TorchPeer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.torch = torch
+        self.torch, self.threads = torch, torch.get_num_threads()
         self.lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
         self.embed = self.lm.get_input_embeddings()
         with torch.inference_mode():
@@ -251,8 +250,15 @@ class TorchPeer:
                 **kw,
             )
 
-    def probe(self, name: str, last_only: bool) -> Probe:
-        return Probe(name, lambda i: self._step(i, last_only), lambda i: self.cache.crop(self.fill))
+    def probe(self, name: str, last_only: bool, threads: int | None = None) -> Probe:
+        """threads: None keeps torch's default (all cores); 1 avoids OpenMP barrier waits,
+        which dominate when the cores are shared with other work."""
+
+        def before(i: int) -> None:
+            self.torch.set_num_threads(threads or self.threads)
+            self.cache.crop(self.fill)
+
+        return Probe(name, lambda i: self._step(i, last_only), before)
 
 
 # ---- peer (b): the dense LLM exported with optimum, run by ORTModelForCausalLM ----

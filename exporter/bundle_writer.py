@@ -42,9 +42,9 @@ EXPORTER_VERSION = "0.1.0"
 class ExportOptions:
     """Flags of `onsight export`; None keeps the checkpoint's own setting."""
 
-    keep_ratio: float | None = None  # MoD keep ratio r in (0, 1]
-    mod_layers: str | None = None  # interleaved | all | none | 1,3,5
-    router: str | None = None  # learned | novelty | norm
+    keep_ratio: float | None = None  # MoD keep ratio r in [0, 1] (0: vision skips those layers)
+    mod_layers: str | None = None  # interleaved | all | none | from:E | 1,3,5
+    router: str | None = None  # learned | novelty | norm | random | uniform
     tokens_per_frame: str | None = None  # e.g. 1+3x3
     kv_capacity: int = 4096  # tokens per dense layer; routed layers get their share
     dtype: str = "fp32"  # fp32 | fp16
@@ -60,13 +60,16 @@ Progress = Callable[[str], None]
 def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
     """The same weights with the export's MoD and frame-token settings."""
     cfg = model.cfg
-    if opts.keep_ratio is not None and not 0.0 < opts.keep_ratio <= 1.0:
-        raise ExportError(f"--keep-ratio {opts.keep_ratio}: must be in (0, 1], e.g. 0.2")
+    if opts.keep_ratio is not None and not 0.0 <= opts.keep_ratio <= 1.0:
+        raise ExportError(
+            f"--keep-ratio {opts.keep_ratio}: must be in [0, 1], e.g. 0.2 (0 with "
+            "--mod-layers from:E is early exit)"
+        )
     try:
         layers = cfg.mod.layers
         if opts.mod_layers is not None:
             layers = parse_mod_layers(opts.mod_layers, cfg.num_layers)
-        elif not layers and (opts.keep_ratio or 1.0) < 1.0:
+        elif not layers and (opts.keep_ratio if opts.keep_ratio is not None else 1.0) < 1.0:
             layers = parse_mod_layers("interleaved", cfg.num_layers)
         router = opts.router or (
             cfg.mod.router if cfg.has_layer_experts or cfg.mod.router != "learned" else "novelty"
@@ -76,18 +79,15 @@ def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
                 "--router learned needs LayerExpert weights, which this checkpoint lacks; "
                 "use --router novelty or --router norm (training-free)"
             )
-        if router == "learned":
+        keep_ratio = opts.keep_ratio if opts.keep_ratio is not None else cfg.mod.keep_ratio
+        if router == "learned" and keep_ratio > 0:  # at r = 0 no router runs
             missing = [i for i in layers if str(i) not in model.decoder.experts]
             if missing:
                 raise ExportError(
                     f"--router learned: no LayerExpert for layers {missing}; route only the "
                     f"layers that have one ({sorted(int(x) for x in model.decoder.experts)})"
                 )
-        mod = ModConfig(
-            keep_ratio=opts.keep_ratio if opts.keep_ratio is not None else cfg.mod.keep_ratio,
-            layers=layers,
-            router=router,
-        )
+        mod = ModConfig(keep_ratio=keep_ratio, layers=layers, router=router)
     except ValueError as e:
         raise ExportError(str(e)) from e
     new_cfg = cfg.replace(mod=mod)
@@ -163,7 +163,7 @@ def _manifest(
             "routed_layers": list(dec.routed),
         },
         "kv": {
-            "layout": "per layer: key and value (kv_heads, capacity, head_dim); keys after RoPE",
+            "layout": "per layer: key and value (kv_heads, capacity, head_dim); keys after RoPE; steps read a prefix span",
             "dtype": layout.dtype,
             "capacity_dense": layout.capacity_dense,
             "capacity_mod": layout.capacity_mod,

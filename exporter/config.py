@@ -47,22 +47,33 @@ class VisionConfig:
         return int(self.use_pooled) + self.grid * self.grid
 
 
+# learned: the LayerExperts; novelty / norm: training-free signals; random / uniform: the
+# ablation baselines (pseudo-random by token position, or evenly spaced tokens of the frame)
+ROUTERS = ("learned", "novelty", "norm", "random", "uniform")
+
+
 @dataclass(frozen=True)
 class ModConfig:
-    """Mixture-of-Depths routing of vision tokens (VideoLLM-MoD's LayerExperts)."""
+    """Mixture-of-Depths routing of vision tokens (VideoLLM-MoD's LayerExperts).
+
+    keep_ratio 0 makes vision tokens skip the routed layers entirely (k = 0, no KV there);
+    with the routed layers being the last ones (`from:E`) that is an early-exit model.
+    """
 
     keep_ratio: float = 1.0  # share of each frame's vision tokens a routed layer processes
     layers: tuple[int, ...] = ()  # indices of routed decoder layers
-    router: str = "novelty"  # "learned" | "novelty" | "norm"
+    router: str = "novelty"  # one of ROUTERS (unused when keep_ratio is 0)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.router not in ("learned", "novelty", "norm"):
-            raise ValueError(f"unknown router {self.router!r}: use learned, novelty or norm")
+        if not 0.0 <= self.keep_ratio <= 1.0:
+            raise ValueError(f"keep ratio must be in [0, 1], got {self.keep_ratio}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}: use one of {', '.join(ROUTERS)}")
 
     def k(self, tokens_per_frame: int) -> int:
-        """Vision tokens per frame that a routed layer keeps: ceil(r * N)."""
+        """Vision tokens per frame that a routed layer keeps: ceil(r * N), 0 only at r = 0."""
+        if self.keep_ratio == 0.0:
+            return 0
         return max(1, math.ceil(self.keep_ratio * tokens_per_frame - 1e-9))
 
 
@@ -71,8 +82,14 @@ def interleaved_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(1, num_layers, 2))
 
 
+def exit_layers(num_layers: int, exit_at: int) -> tuple[int, ...]:
+    """Layers from `exit_at` on: routed with keep ratio 0, vision tokens leave after
+    `exit_at` layers (early exit)."""
+    return tuple(range(exit_at, num_layers))
+
+
 def parse_mod_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """`interleaved` | `all` | `none` | a comma list such as `1,3,5`."""
+    """`interleaved` | `all` | `none` | `from:E` (layers E and later) | a list like `1,3,5`."""
     spec = spec.strip().lower()
     if spec == "interleaved":
         return interleaved_layers(num_layers)
@@ -80,11 +97,19 @@ def parse_mod_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))
     if spec in ("none", ""):
         return ()
+    if spec.startswith("from:"):
+        e = spec.removeprefix("from:")
+        if not e.isdigit() or not 0 <= int(e) < num_layers:
+            raise ValueError(
+                f"--mod-layers {spec!r}: use from:E with E in 0..{num_layers - 1} "
+                f"(the model has {num_layers} layers)"
+            )
+        return exit_layers(num_layers, int(e))
     try:
         layers = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
     except ValueError as e:
         raise ValueError(
-            f"--mod-layers {spec!r}: use interleaved, all, none or a list like 1,3,5"
+            f"--mod-layers {spec!r}: use interleaved, all, none, from:E or a list like 1,3,5"
         ) from e
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:

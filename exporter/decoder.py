@@ -88,6 +88,34 @@ class LayerExpert(nn.Module):
         return self.proj(x).squeeze(-1)
 
 
+# A prime below 2**24 (so every hash is exact in float32) with P % 3 == 2, which makes
+# x -> x**3 mod P a bijection: distinct positions get distinct scores, so top-k has no ties
+# and picks the same tokens in torch and onnxruntime.
+_HASH_P = 16_777_199
+
+
+def _cube_mod(x: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(torch.remainder(x * x, _HASH_P) * x, _HASH_P)
+
+
+def position_hash(positions: torch.Tensor, layer: int) -> torch.Tensor:
+    """The random router's scores: a fixed pseudo-random permutation of positions, salted by
+    the layer. Integer arithmetic (not frac(sin(x) * 43758.5453), whose float rounding differs
+    between torch and onnxruntime) keeps the export's parity exact. (N,) int64 -> (N,) float32."""
+    x = torch.remainder(positions * 2_654_435 + 40_503 * (layer + 1), _HASH_P)
+    x = _cube_mod(torch.remainder(_cube_mod(x) * 48_271 + 11, _HASH_P))
+    return x.to(torch.float32)
+
+
+def evenly_spaced_scores(n: int | torch.Tensor, k: int) -> torch.Tensor:
+    """The uniform router's scores: the top k are the evenly spaced indices ceil(m * n / k),
+    m < k (the j with j * k mod n < k: one per stride of n / k), ranked in index order
+    ahead of all others; every score is distinct. (n,) float32."""
+    j = torch.arange(n, dtype=torch.int64)
+    later = (torch.remainder(j * k, n) >= k).to(torch.int64) * n  # not one of the k
+    return -(j + later).to(torch.float32)
+
+
 # A routed layer's cache: (k, v), each (kv_heads, capacity, head_dim), and a bool mask (capacity,)
 Past = tuple[torch.Tensor, torch.Tensor]
 
@@ -173,8 +201,13 @@ class ModDecoder(nn.Module):
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x, k, v
 
-    def scores(self, i: int, vis: torch.Tensor, novelty: torch.Tensor) -> torch.Tensor:
-        """Routing scores of one frame's vision tokens at layer i: (N,)."""
+    def scores(
+        self, i: int, vis: torch.Tensor, novelty: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Routing scores of one frame's vision tokens at layer i: (N,).
+
+        vis (N, hidden); novelty (N,); positions (N,) int64, the tokens' cache positions.
+        """
         if self.router == "learned":
             if str(i) not in self.experts:
                 raise CheckpointError(
@@ -184,6 +217,10 @@ class ModDecoder(nn.Module):
             return self.experts[str(i)](vis)
         if self.router == "norm":
             return vis.norm(dim=-1)
+        if self.router == "random":
+            return position_hash(positions, i)
+        if self.router == "uniform":
+            return evenly_spaced_scores(vis.shape[0], self.k)
         return novelty
 
     def logits_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,16 +276,22 @@ class ModDecoder(nn.Module):
                 x, k, v = self.block(i, x, positions, past[i], masks[i])
                 if i in self.routed:  # r = 1 on a routed layer: every token kept, in order
                     kept.append(torch.arange(N, dtype=torch.int64))
+            elif self.k == 0:
+                # r = 0: vision tokens skip this layer (early exit); only the text runs
+                out_text, k, v = self.block(i, x[:Tt], positions[:Tt], past[i], masks[i])
+                x = torch.cat([out_text, x[Tt:]], dim=0)
+                kept.append(torch.zeros(0, dtype=torch.int64))
             else:
                 text, vis = x[:Tt], x[Tt:]  # (Tt, hidden), (N, hidden)
-                score = self.scores(i, vis, novelty)  # (N,)
+                score = self.scores(i, vis, novelty, positions[Tt:])  # (N,)
                 idx = torch.topk(score, self.k).indices  # (k,), per frame, never across frames
                 sel = vis[idx]  # (k, hidden)
                 pos = torch.cat([positions[:Tt], positions[Tt:][idx]])
                 out, k, v = self.block(i, torch.cat([text, sel], dim=0), pos, past[i], masks[i])
                 out_text, out_sel = out[:Tt], out[Tt:]
                 if self.router == "learned":
-                    # Mixture-of-Depths: x + w * f(x) with w the router's sigmoid weight
+                    # Mixture-of-Depths: x + w * f(x) with w the router's sigmoid weight;
+                    # the training-free and baseline routers have no weight to learn, so w = 1
                     w = torch.sigmoid(score[idx]).unsqueeze(-1).to(out_sel.dtype)
                     out_sel = sel + w * (out_sel - sel)
                 vis = vis.scatter(0, idx.unsqueeze(-1).expand(-1, vis.shape[1]), out_sel)

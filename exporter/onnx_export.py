@@ -2,8 +2,10 @@
 
 Graph IO (batch 1, no batch dimension in the decoder graphs):
 - vision:     frames uint8 (B, S, S, 3) -> frame_embeds (B, N, hidden)
-- text_step:  input_ids (T,), position_ids (T,), dense_mask (Cd,), mod_mask (Cm,),
-              past_key_i / past_value_i (Hkv, C_i, D) -> logits (vocab,), new_key_i / new_value_i (Hkv, T, D)
+- text_step:  input_ids (T,), position_ids (T,), dense_mask (Pd,), mod_mask (Pm,),
+              past_key_i / past_value_i (Hkv, P_i, D) -> logits (vocab,), new_key_i / new_value_i (Hkv, T, D)
+              where P is the attended span of the cache (dynamic, at most the capacity: the
+              runtime feeds only the filled part, see runtime/kv_cache.py)
 - frame_step: input_ids (Tt,), frame_embeds (N, hidden), prev_frame_embeds (N, hidden),
               position_ids (Tt+N,), masks, past -> logits, new_key_i / new_value_i
               ((Hkv, Tt+N, D) dense, (Hkv, Tt+k, D) routed), kept_i (k,) for routed layers
@@ -91,6 +93,15 @@ def _example_past(layout: KVLayout, dtype: torch.dtype) -> list[torch.Tensor]:
     ]
 
 
+def _past_axes(layout: KVLayout) -> dict[str, dict[int, str]]:
+    """The cache length is dynamic, per layer group: the runtime feeds its filled span."""
+    dyn: dict[str, dict[int, str]] = {"dense_mask": {0: "past_dense"}, "mod_mask": {0: "past_mod"}}
+    for i in range(layout.num_layers):
+        axis = "past_mod" if i in layout.routed else "past_dense"
+        dyn[f"past_key_{i}"] = dyn[f"past_value_{i}"] = {1: axis}
+    return dyn
+
+
 def _export(
     module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict
 ) -> None:
@@ -152,6 +163,7 @@ def export_graphs(
     t_out = ["logits", *nnames]
     dyn = {"input_ids": {0: "tokens"}, "position_ids": {0: "tokens"}}
     dyn.update({n: {1: "tokens"} for n in nnames})
+    dyn.update(_past_axes(layout))
     _export(
         TextStepGraph(model, layout),
         (ids, pos, *masks, *past),
@@ -182,6 +194,7 @@ def export_graphs(
         "position_ids": {0: "step_tokens"},
         "frame_embeds": {0: "frame_tokens"},
         "prev_frame_embeds": {0: "frame_tokens"},
+        **_past_axes(layout),
     }
     for i in range(L):
         axis = "routed_tokens" if i in layout.routed else "step_tokens"

@@ -58,7 +58,7 @@ class TorchStepper(CachedStepper):
     def _past(self):
         c = self.cache
         past = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(c.k, c.v, strict=True)]
-        return past, [torch.from_numpy(m) for m in c.masks]
+        return past, [torch.from_numpy(c.mask(i)) for i in range(len(c.k))]
 
     @torch.no_grad()
     def run_text(self, ids: np.ndarray, positions: np.ndarray):
@@ -158,14 +158,14 @@ def recompute_logits(model: StreamingModel, segments: list[Segment]) -> list[np.
         weights = torch.ones(T, dtype=x.dtype)
         if i in dec.routed and k < N:
             active = ~is_vis_t.clone()
-            for f, emb in enumerate(frames):
+            for f, emb in enumerate(frames if k > 0 else ()):  # k = 0: vision skips layer i
                 where = torch.nonzero(frame_of_t == f).squeeze(-1)  # (N,)
                 prev = frames[f - 1] if f > 0 else torch.zeros_like(emb)
                 cos = torch.nn.functional.cosine_similarity(
                     emb.float(), prev.float(), dim=-1, eps=1e-6
                 )
                 novelty = 1.0 - cos - 1e-6 * torch.arange(N, dtype=torch.float32)
-                score = dec.scores(i, x[where], novelty)
+                score = dec.scores(i, x[where], novelty, positions[where])
                 top = torch.topk(score, k).indices
                 active[where[top]] = True
                 if dec.router == "learned":

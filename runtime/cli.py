@@ -159,10 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--projector", help="compose: projector .safetensors (fc1/fc2)")
     e.add_argument("--experts", help="compose: LayerExpert .safetensors (optional)")
     e.add_argument(
-        "--keep-ratio", type=float, default=None, help="MoD keep ratio r in (0, 1] (e.g. 0.2)"
+        "--keep-ratio",
+        type=float,
+        default=None,
+        help="MoD keep ratio r in [0, 1] (e.g. 0.2; 0: vision tokens skip the routed layers)",
     )
-    e.add_argument("--mod-layers", default=None, help="interleaved | all | none | 1,3,5")
-    e.add_argument("--router", default=None, choices=["learned", "novelty", "norm"])
+    e.add_argument(
+        "--mod-layers",
+        default=None,
+        help="interleaved | all | none | from:E (layers E on; with --keep-ratio 0: early exit) "
+        "| 1,3,5",
+    )
+    e.add_argument(
+        "--router",
+        default=None,
+        choices=["learned", "novelty", "norm", "random", "uniform"],
+        help="learned: LayerExperts; novelty / norm: training-free; random / uniform: baselines",
+    )
     e.add_argument(
         "--tokens-per-frame", default=None, help="e.g. 1+3x3 (default: the checkpoint's)"
     )

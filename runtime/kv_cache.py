@@ -3,7 +3,15 @@
 Dense layers hold every token; routed (MoD) layers hold text tokens and only the k kept
 vision tokens of each frame, in buffers sized for that. Each layer has an integer length;
 slots [0, length) are valid. Keys are stored after RoPE; eviction compacts the kept slots
-to the front and rotates their keys to the re-based positions (the only time data moves).
+to the front and rotates their keys to the re-based positions.
+
+Steps attend over a *span* of each layer's buffer, not its whole capacity: the span covers
+the valid slots, rounded up, and grows geometrically (x1.25, in multiples of 64 tokens) until
+it reaches the capacity. Each layer's buffer is one flat allocation whose first
+Hkv * span * D values are the contiguous (Hkv, span, D) array the graphs read, so feeding a
+step copies nothing; growing the span moves each head's rows once (amortised: a fraction of
+a row per token written), as does an eviction. A short stream so never pays for attention
+over a capacity sized for hours.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from onsight.runtime.kv_policy import (
 )
 
 log = logging.getLogger(__name__)
+
+SPAN_MIN = 64  # tokens; spans are multiples of this (or the capacity)
+SPAN_GROWTH = 1.25
 
 
 @dataclass(frozen=True)
@@ -62,27 +73,69 @@ class KVLayout:
         return sum(self.capacity(i) for i in range(self.num_layers)) * self.bytes_per_token_layer
 
 
-class KVCache:
-    """Preallocated buffers (Hkv, capacity, D) per layer, K and V, with lengths and positions."""
+def _round_span(tokens: int, capacity: int) -> int:
+    return min(capacity, max(SPAN_MIN, -(-tokens // SPAN_MIN) * SPAN_MIN))
 
-    def __init__(self, layout: KVLayout, policy: EvictionPolicy | None = None):
+
+class KVCache:
+    """Preallocated buffers per layer, K and V, with lengths, positions and attended spans.
+
+    `k[i]` / `v[i]` are (Hkv, span_i, D) views of layer i's buffer; `mask(i)` is the matching
+    (span_i,) validity mask. With `spans=False` the span is always the whole capacity (for
+    backends whose graphs take a fixed-size cache).
+    """
+
+    def __init__(self, layout: KVLayout, policy: EvictionPolicy | None = None, spans: bool = True):
         self.layout = layout
         self.policy = policy or EvictionPolicy()
+        self.spans = spans
         dt = np.dtype(layout.dtype)
         L = layout.num_layers
         caps = [layout.capacity(i) for i in range(L)]
-        self.k = [np.zeros((layout.kv_heads, c, layout.head_dim), dt) for c in caps]
-        self.v = [np.zeros((layout.kv_heads, c, layout.head_dim), dt) for c in caps]
+        row = layout.kv_heads * layout.head_dim
+        self._kbuf = [np.zeros(row * c, dt) for c in caps]
+        self._vbuf = [np.zeros(row * c, dt) for c in caps]
+        self.span = [self._initial_span(c) for c in caps]
+        self.k = [self._view(self._kbuf[i], self.span[i]) for i in range(L)]
+        self.v = [self._view(self._vbuf[i], self.span[i]) for i in range(L)]
         self.positions = [np.zeros(c, np.int64) for c in caps]
         self.lengths = [0] * L
         self.masks = [np.zeros(c, bool) for c in caps]  # kept in sync with lengths
         self.table = TokenTable(layout.k if layout.routed else layout.tokens_per_frame)
         self.evictions = 0
 
+    def _initial_span(self, capacity: int) -> int:
+        return _round_span(0, capacity) if self.spans else capacity
+
+    def _view(self, buf: np.ndarray, span: int) -> np.ndarray:
+        lay = self.layout
+        return buf[: lay.kv_heads * span * lay.head_dim].reshape(lay.kv_heads, span, lay.head_dim)
+
+    def mask(self, i: int) -> np.ndarray:
+        """Validity of layer i's attended slots, (span_i,)."""
+        return self.masks[i][: self.span[i]]
+
+    def _respan(self, i: int, new: int) -> None:
+        """Re-lay layer i's buffer for a span of `new` slots, moving each head's valid rows."""
+        old, n = self.span[i], self.lengths[i]
+        if new == old:
+            return
+        assert n <= new <= len(self.masks[i])
+        D, H = self.layout.head_dim, self.layout.kv_heads
+        # growing: move the last head first (destinations lie above sources); shrinking: first
+        heads = range(H - 1, 0, -1) if new > old else range(1, H)
+        for buf in (self._kbuf[i], self._vbuf[i]):
+            for h in heads:
+                buf[h * new * D : (h * new + n) * D] = buf[h * old * D : (h * old + n) * D]
+        self.span[i] = new
+        self.k[i] = self._view(self._kbuf[i], new)
+        self.v[i] = self._view(self._vbuf[i], new)
+
     def reset(self) -> None:
         for i in range(self.layout.num_layers):
             self.lengths[i] = 0
             self.masks[i][:] = False
+            self._respan(i, self._initial_span(len(self.masks[i])))
         self.table = TokenTable(self.table.k)
         self.evictions = 0
 
@@ -138,10 +191,18 @@ class KVCache:
             self.masks[i][n:old] = False
         self.lengths[i] = n
 
+    def truncate(self, i: int, n: int) -> None:
+        """Forget layer i's slots from n on (the span stays; for benchmarks that rewind)."""
+        assert n <= self.lengths[i]
+        self._set_length(i, n)
+
     def write(self, i: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
         """Write new keys/values (Hkv, T, D) in place after the layer's valid slots."""
         n, t = self.lengths[i], k.shape[1]
-        assert n + t <= len(self.masks[i]), "ensure_room must run before write"
+        cap = len(self.masks[i])
+        assert n + t <= cap, "ensure_room must run before write"
+        if n + t > self.span[i]:
+            self._respan(i, _round_span(max(n + t, int(self.span[i] * SPAN_GROWTH)), cap))
         self.k[i][:, n : n + t] = k
         self.v[i][:, n : n + t] = v
         self.positions[i][n : n + t] = positions

@@ -88,6 +88,8 @@ class OrtSessions:
                     f"onnxruntime could not load {path}: {e}; re-export the bundle"
                 ) from e
         self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
+        past = [i for i in self.sessions["text_step"].get_inputs() if i.name == "past_key_0"]
+        self.dynamic_past = bool(past) and not isinstance(past[0].shape[1], int)
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         log.info("onnxruntime sessions on %s (%s)", self.device, ", ".join(self.providers))
 
@@ -113,7 +115,9 @@ class OrtStepper(CachedStepper):
 
     def __init__(self, sessions: OrtSessions, policy: EvictionPolicy):
         b = sessions.bundle
-        super().__init__(b.layout, b.inv_freq, b.routed_layers, policy)
+        # graphs exported with a dynamic cache length attend over the filled span only;
+        # older bundles take the whole capacity
+        super().__init__(b.layout, b.inv_freq, b.routed_layers, policy, sessions.dynamic_past)
         self.s = sessions
         L = b.layout.num_layers
         self._dense = next((i for i in range(L) if i not in b.layout.routed), None)
@@ -125,8 +129,8 @@ class OrtStepper(CachedStepper):
     def _feeds(self, graph: str, **extra: np.ndarray) -> dict[str, np.ndarray]:
         c = self.cache
         feeds = dict(extra)
-        feeds["dense_mask"] = c.masks[self._dense] if self._dense is not None else self._empty_dense
-        feeds["mod_mask"] = c.masks[self._mod] if self._mod is not None else self._empty_mod
+        feeds["dense_mask"] = c.mask(self._dense) if self._dense is not None else self._empty_dense
+        feeds["mod_mask"] = c.mask(self._mod) if self._mod is not None else self._empty_mod
         for i in range(self.layout.num_layers):
             feeds[f"past_key_{i}"] = c.k[i]
             feeds[f"past_value_{i}"] = c.v[i]

@@ -26,9 +26,10 @@ class CachedStepper:
         inv_freq: np.ndarray,
         all_routed: tuple[int, ...],
         policy: EvictionPolicy | None = None,
+        spans: bool = True,
     ):
         self.layout = layout
-        self.cache = KVCache(layout, policy)
+        self.cache = KVCache(layout, policy, spans)
         self.inv_freq = np.asarray(inv_freq, np.float32)
         self.all_routed = tuple(all_routed)
         self.prev_embeds: np.ndarray | None = None

@@ -199,7 +199,7 @@ class TrtStepper:
         self.layout = lay
         # Host-side bookkeeping (lengths, positions, masks, token table) reuses KVCache; its
         # host K/V arrays are used only as staging during eviction.
-        self.cache = KVCache(lay, policy)
+        self.cache = KVCache(lay, policy, spans=False)  # plans bind whole buffers
         self.inv_freq = backend.bundle.inv_freq
         self.all_routed = backend.bundle.routed_layers
         dt = np.dtype(lay.dtype)

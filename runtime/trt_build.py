@@ -89,7 +89,16 @@ def check_plan_compat(
 def _profiles(bundle) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
     """min / opt / max shapes of every dynamic input, per graph."""
     n = bundle.tokens_per_frame
-    k, hidden = bundle.layout.k, bundle.hidden_size
+    lay = bundle.layout
+    k, hidden = lay.k, bundle.hidden_size
+    # The native TensorRT backend binds whole preallocated cache buffers, so the cache length
+    # (dynamic in the ONNX, for onnxruntime's filled-span attention) is fixed at the capacity.
+    cache: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for i in range(lay.num_layers):
+        shape = (lay.kv_heads, lay.capacity(i), lay.head_dim)
+        cache[f"past_key_{i}"] = cache[f"past_value_{i}"] = (shape, shape, shape)
+    cache["dense_mask"] = ((lay.capacity_dense,),) * 3
+    cache["mod_mask"] = ((lay.capacity_mod,),) * 3
     return {
         "vision": {
             "frames": (
@@ -101,6 +110,7 @@ def _profiles(bundle) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
         "text_step": {
             "input_ids": ((1,), (1,), (MAX_STEP_TOKENS,)),
             "position_ids": ((1,), (1,), (MAX_STEP_TOKENS,)),
+            **cache,
         },
         "frame_step": {
             "input_ids": ((1,), (1,), (MAX_FRAME_TEXT,)),
@@ -108,6 +118,7 @@ def _profiles(bundle) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
             # frames may be pruned to as few as k tokens (DyCoke-style), never fewer
             "frame_embeds": ((k, hidden), (n, hidden), (n, hidden)),
             "prev_frame_embeds": ((k, hidden), (n, hidden), (n, hidden)),
+            **cache,
         },
     }
 

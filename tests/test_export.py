@@ -139,12 +139,13 @@ def test_failed_parity_writes_nothing(native_model, tmp_path, monkeypatch):
     "opts,match",
     [
         (ExportOptions(keep_ratio=1.5), "must be in"),
-        (ExportOptions(keep_ratio=0.0), "must be in"),
+        (ExportOptions(keep_ratio=-0.1), "must be in"),  # 0 is valid: early exit
         (ExportOptions(tokens_per_frame="1+9x9"), "do not fit the tower"),
         (ExportOptions(tokens_per_frame="banana"), "tokens-per-frame"),
         (ExportOptions(kv_capacity=10), "too small"),
         (ExportOptions(kv_capacity=10**6), "trained positions"),
         (ExportOptions(mod_layers="1,99"), "do not exist"),
+        (ExportOptions(mod_layers="from:9"), "from:E"),
     ],
 )
 def test_bad_export_options_give_clear_errors(native_model, tmp_path, opts, match):

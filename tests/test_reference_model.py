@@ -98,10 +98,20 @@ def test_r1_training_free_equals_transformers_forward(tiny_tokenizer, arch):
         np.testing.assert_allclose(lg, hf[end].numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("router,experts", [("novelty", False), ("norm", False), ("learned", True)])
-def test_cached_mod_steps_equal_no_cache_recompute(tiny_tokenizer, router, experts):
+@pytest.mark.parametrize(
+    "router,experts,r",
+    [
+        ("novelty", False, 0.2),
+        ("norm", False, 0.2),
+        ("learned", True, 0.2),
+        ("random", False, 0.2),
+        ("uniform", False, 0.2),
+        ("uniform", False, 0.0),  # r = 0: vision tokens skip the routed layers
+    ],
+)
+def test_cached_mod_steps_equal_no_cache_recompute(tiny_tokenizer, router, experts, r):
     tok_path, vocab = tiny_tokenizer
-    model = make_model(vocab, r=0.2, router=router, experts=experts)
+    model = make_model(vocab, r=r, router=router, experts=experts)
     _, rec, _ = run_stream(model, tok_path)
     segs = [s for s, _ in rec.log if s.frame is not None or s.ids]
     logged = [lg for s, lg in rec.log if s.frame is not None or s.ids]

@@ -94,6 +94,45 @@ def test_mod_kv_bytes_per_frame_formula():
     assert lay.frames_in_budget(budget, True) / lay.frames_in_budget(budget, False) >= 1.6
 
 
+def test_cache_spans_grow_with_the_fill_and_hold_the_same_data():
+    """Steps read a (Hkv, span, D) prefix whose layout changes as it grows; nothing moves wrong."""
+    from onsight.runtime.kv_cache import KVCache
+
+    lay = KVLayout(num_layers=2, kv_heads=3, head_dim=4, capacity_dense=400, capacity_mod=150,
+                   routed=(1,), tokens_per_frame=9, k=2)  # fmt: skip
+    inv_freq = 1.0 / (10000 ** (np.arange(0, 4, 2) / 4))
+    spans, whole = KVCache(lay), KVCache(lay, spans=False)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for step in range(120):
+        t = int(rng.integers(1, 12))
+        for c in (spans, whole):
+            c.ensure_room(t, t, inv_freq)
+        pos = spans.table.append(t, 1, step)
+        whole.table.append(t, 1, step)
+        for i in range(2):
+            k, v = rng.normal(size=(2, 3, t, 4)).astype(np.float32)
+            for c in (spans, whole):
+                c.write(i, k, v, pos)
+            n = spans.lengths[i]
+            assert spans.k[i].shape == (3, spans.span[i], 4) and spans.k[i].flags.c_contiguous
+            assert n <= spans.span[i] <= lay.capacity(i) and spans.mask(i).sum() == n
+            np.testing.assert_array_equal(spans.k[i][:, :n], whole.k[i][:, :n])
+            np.testing.assert_array_equal(spans.v[i][:, :n], whole.v[i][:, :n])
+            seen.add(spans.span[i])
+    assert spans.evictions == whole.evictions >= 1
+    assert min(seen) == 64 and lay.capacity_mod in seen and len(seen) > 3
+
+
+def test_ort_steps_read_only_the_filled_span(tiny_bundle):
+    bundle, sessions, model, rt, _ = _loops(tiny_bundle)
+    assert sessions.dynamic_past
+    rt.on_frame(model.encode_frames(torch.from_numpy(_frames(1))).numpy()[0])
+    cache = rt.stepper.cache
+    assert cache.span[0] < bundle.layout.capacity_dense
+    assert cache.k[0].shape[1] == cache.span[0] == len(cache.mask(0))
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

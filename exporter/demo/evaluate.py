@@ -192,6 +192,35 @@ def narration_perplexity(checkpoint: str | Path, streams: Sequence[Stream]) -> f
     return math.exp(total / count) if count else float("nan")
 
 
+def held_out_streams(
+    streams: int = 20, seed_start: int = HELD_OUT_SEED, frames: int = 60, stage: int = 2
+) -> list[Stream]:
+    """The evaluation streams: world seeds from `seed_start`, which training never draws."""
+    world: WorldConfig = curriculum(stage)
+    return [generate_stream(seed_start + i, frames, world) for i in range(streams)]
+
+
+def score_narrator(
+    narrator: BundleNarrator, data: Sequence[Stream], window_s: float
+) -> tuple[dict[str, object], list[StreamResult]]:
+    """Narrate every stream through the bundle; event scores and question accuracy."""
+    results = [narrator.run(s) for s in data]
+    answers = [a for r in results for a in r.answers]
+    expected = [e for r in results for e in r.expected]
+    qkinds = [k for r in results for k in r.question_kinds]
+    by_kind: dict[str, list[bool]] = {}
+    for a, e, k in zip(answers, expected, qkinds, strict=True):
+        by_kind.setdefault(k, []).append(question_accuracy([a], [e]) == 1.0)
+    scores: dict[str, object] = {
+        "threshold": narrator.threshold,
+        "narration": pool_scores(results, data, window_s),
+        "question_accuracy": question_accuracy(answers, expected) if expected else None,
+        "question_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "n_questions": len(expected),
+    }
+    return scores, results
+
+
 def evaluate(
     engine: str | Path,
     streams: int = 20,
@@ -204,17 +233,9 @@ def evaluate(
     threshold: float | None = None,
 ) -> dict[str, object]:
     """Narrate held-out streams through the bundle and score them."""
-    world: WorldConfig = curriculum(stage)
     narrator = BundleNarrator(engine, threads, threshold)
-    data = [generate_stream(seed_start + i, frames, world) for i in range(streams)]
-    results = [narrator.run(s) for s in data]
-    scores = pool_scores(results, data, window_s)
-    answers = [a for r in results for a in r.answers]
-    expected = [e for r in results for e in r.expected]
-    qkinds = [k for r in results for k in r.question_kinds]
-    by_kind: dict[str, list[bool]] = {}
-    for a, e, k in zip(answers, expected, qkinds, strict=True):
-        by_kind.setdefault(k, []).append(question_accuracy([a], [e]) == 1.0)
+    data = held_out_streams(streams, seed_start, frames, stage)
+    scores, results = score_narrator(narrator, data, window_s)
     report: dict[str, object] = {
         "engine": str(engine),
         "streams": streams,
@@ -222,11 +243,7 @@ def evaluate(
         "frames": frames,
         "window_s": window_s,
         "world_stage": stage,
-        "threshold": narrator.threshold,
-        "narration": scores,
-        "question_accuracy": question_accuracy(answers, expected) if expected else None,
-        "question_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
-        "n_questions": len(expected),
+        **scores,
         "perplexity": narration_perplexity(checkpoint, data) if checkpoint else None,
         "examples": [
             {"seed": r.seed, "said": r.predictions[:6], "truth": s.narrations()[:6]}
@@ -272,17 +289,69 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=60, help="frames per stream")
     p.add_argument("--window", type=float, default=2.0, help="seconds after an event to match")
     p.add_argument("--stage", type=int, default=2, help="world curriculum stage (2: full world)")
-    p.add_argument("--checkpoint", default=None, help="native checkpoint, for perplexity")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="native checkpoint, for perplexity (--ablations: the MoD model, default "
+        "engines/demo-checkpoint)",
+    )
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     p.add_argument(
         "--threshold", type=float, default=None, help="override the bundle's speak threshold"
     )
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="the ablation table instead: learned / random / uniform routing, early exit and "
+        "the full-compute twin, each exported from --checkpoint (the bundle in --engine only "
+        "sets the cache size); with --out, markdown is written beside the JSON",
+    )
+    p.add_argument(
+        "--twin", default=None, help="--ablations: native checkpoint of the full-compute twin"
+    )
+    p.add_argument(
+        "--bundles",
+        default=None,
+        help="--ablations: keep the variants' bundles in this new directory (default: deleted)",
+    )
     return p.parse_args(argv)
+
+
+def main_ablations(args: argparse.Namespace) -> int:
+    import sys
+
+    from onsight.exporter.demo.ablation import ablation_markdown, run_ablations, write_report
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = run_ablations(
+        args.checkpoint or "engines/demo-checkpoint",
+        twin=args.twin,
+        engine=args.engine,
+        streams=args.streams,
+        seed_start=args.seed_start,
+        frames=args.frames,
+        window_s=args.window,
+        stage=args.stage,
+        threads=args.threads,
+        threshold=args.threshold,
+        bundles_dir=args.bundles,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(ablation_markdown(report))
+    if args.out:
+        js, md = write_report(report, args.out)
+        print(f"report: {js} and {md}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.ablations:
+        return main_ablations(args)
     report = evaluate(
         args.engine,
         args.streams,
