@@ -22,7 +22,7 @@ import numpy as np
 
 from onsight.runtime.bundle import Bundle
 from onsight.runtime.kv_policy import TURN, TokenTable
-from onsight.runtime.ort_backend import OrtStepper, choose_providers
+from onsight.runtime.ort_backend import OrtStepper, choose_providers, reads_cache_span
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class GraphSessions:
             for g, p in graphs.items()
         }
         self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
+        self.dynamic_past = reads_cache_span(self.sessions)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         (out,) = self.sessions["vision"].run(None, {"frames": frames})

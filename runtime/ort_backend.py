@@ -52,6 +52,16 @@ def choose_providers(device: str = "auto") -> list[str]:
     return [want, "CPUExecutionProvider"] if want != "CPUExecutionProvider" else [want]
 
 
+def reads_cache_span(sessions: dict) -> bool:
+    """Whether the decoder graphs take a dynamic cache length (the filled span); bundles from
+    before that change take the whole capacity."""
+    for s in sessions.values():
+        for i in s.get_inputs():
+            if i.name == "past_key_0":
+                return not isinstance(i.shape[1], int)
+    return False
+
+
 class OrtSessions:
     """The bundle's graphs as onnxruntime sessions."""
 
@@ -88,8 +98,7 @@ class OrtSessions:
                     f"onnxruntime could not load {path}: {e}; re-export the bundle"
                 ) from e
         self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
-        past = [i for i in self.sessions["text_step"].get_inputs() if i.name == "past_key_0"]
-        self.dynamic_past = bool(past) and not isinstance(past[0].shape[1], int)
+        self.dynamic_past = reads_cache_span(self.sessions)
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         log.info("onnxruntime sessions on %s (%s)", self.device, ", ".join(self.providers))
 

@@ -39,7 +39,7 @@ def test_bench_demo_quick_writes_json_markdown_and_png(tmp_path):
     for stats in res["prefill"].values():
         assert stats["n"] == 2 and stats["median_ms"] > 0
     assert res["kv"]["fit_ratio"] > 1.0  # MoD holds more frames than dense in the same bytes
-    assert all(t["status"] in ("PASS", "MISS", "n/a") for t in res["targets"])
+    assert all(t["status"] in ("PASS", "MISS", "n/a", "info") for t in res["targets"])
 
     md = (out / "results.md").read_text()
     assert md.startswith("# onsight bench") and "| target |" in md
