@@ -22,6 +22,21 @@ def _tensorrt_ready(bundle: Bundle) -> bool:
     return cuda_available()
 
 
+def _device_resident(sessions):
+    """On CUDA, keep the KV cache on the GPU through IO binding when cuda-python is here."""
+    if sessions.device != "cuda" or sessions.providers[0] != "CUDAExecutionProvider":
+        return sessions
+    from onsight.runtime.ort_iobinding import OrtDeviceBackend, io_binding_ready
+
+    if not io_binding_ready():
+        log.warning(
+            "onnxruntime on CUDA without cuda-python: the KV cache makes a host round trip "
+            "every step; pip install cuda-python to keep it on the GPU"
+        )
+        return sessions
+    return OrtDeviceBackend(sessions)
+
+
 def make_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):
     """`auto` takes TensorRT plans when the bundle has them and a GPU is here, else
     onnxruntime on the best provider it offers; the choice is logged and reported in stats."""
@@ -32,14 +47,11 @@ def make_backend(bundle: Bundle, name: str = "auto", threads: int | None = None)
         from onsight.runtime.trt_backend import TrtBackend
 
         backend = TrtBackend(bundle)
-    elif name in ("auto", "onnxruntime", "ort"):
+    elif name in ("auto", "onnxruntime", "ort") or name.startswith(("onnxruntime:", "ort:")):
         from onsight.runtime.ort_backend import OrtSessions
 
-        backend = OrtSessions(bundle, "auto", threads)
-    elif name.startswith(("onnxruntime:", "ort:")):
-        from onsight.runtime.ort_backend import OrtSessions
-
-        backend = OrtSessions(bundle, name.split(":", 1)[1], threads)
+        device = name.split(":", 1)[1] if ":" in name else "auto"
+        backend = _device_resident(OrtSessions(bundle, device, threads))
     else:
         raise EngineError(
             f"unknown backend {name!r}: use auto, onnxruntime, onnxruntime:cpu, "

@@ -177,8 +177,8 @@ class TrtBackend:
         out = self.run("vision", {"frames": frames}, fetch=("frame_embeds",))
         return np.asarray(out["frame_embeds"], np.float32)
 
-    def stepper(self, policy: EvictionPolicy | None = None) -> TrtStepper:
-        return TrtStepper(self, policy or self.bundle.policy)
+    def stepper(self, policy: EvictionPolicy | None = None) -> DeviceStepper:
+        return DeviceStepper(self, policy or self.bundle.policy)
 
     def close(self) -> None:
         for buf in self._scratch.values():
@@ -188,10 +188,15 @@ class TrtBackend:
         self.engines.clear()
 
 
-class TrtStepper:
-    """The same contract as CachedStepper, with the cache on the GPU."""
+class DeviceStepper:
+    """The same contract as CachedStepper, with the cache on the GPU.
 
-    def __init__(self, backend: TrtBackend, policy: EvictionPolicy):
+    `backend` supplies `bundle`, `cudart`, `stream` and `run(graph, inputs, fetch)`, whose
+    unfetched outputs expose a device pointer `.ptr`: TensorRT plans here, onnxruntime's CUDA
+    provider through IO binding in ort_iobinding.py.
+    """
+
+    def __init__(self, backend, policy: EvictionPolicy):
         from onsight.runtime.kv_cache import KVCache
 
         self.b = backend
@@ -322,3 +327,6 @@ class TrtStepper:
                 pos = positions
             self._append(i, out[f"new_key_{i}"], out[f"new_value_{i}"], pos)
         return np.asarray(out["logits"], np.float32)
+
+
+TrtStepper = DeviceStepper  # the name it had before onnxruntime's CUDA path shared it
