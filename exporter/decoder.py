@@ -289,10 +289,13 @@ class ModDecoder(nn.Module):
                 pos = torch.cat([positions[:Tt], positions[Tt:][idx]])
                 out, k, v = self.block(i, torch.cat([text, sel], dim=0), pos, past[i], masks[i])
                 out_text, out_sel = out[:Tt], out[Tt:]
-                if self.router == "learned":
-                    # Mixture-of-Depths: x + w * f(x) with w the router's sigmoid weight;
-                    # the training-free and baseline routers have no weight to learn, so w = 1
-                    w = torch.sigmoid(score[idx]).unsqueeze(-1).to(out_sel.dtype)
+                if str(i) in self.experts:
+                    # Mixture-of-Depths: x + w * f(x) with w the LayerExpert's sigmoid weight.
+                    # A model trained with experts keeps that gate when another router only
+                    # *selects* (the ablations change the choice, nothing else); models
+                    # without experts (training-free routers) use w = 1.
+                    gate = score[idx] if self.router == "learned" else self.experts[str(i)](sel)
+                    w = torch.sigmoid(gate).unsqueeze(-1).to(out_sel.dtype)
                     out_sel = sel + w * (out_sel - sel)
                 vis = vis.scatter(0, idx.unsqueeze(-1).expand(-1, vis.shape[1]), out_sel)
                 x = torch.cat([out_text, vis], dim=0)

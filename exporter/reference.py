@@ -168,8 +168,13 @@ def recompute_logits(model: StreamingModel, segments: list[Segment]) -> list[np.
                 score = dec.scores(i, x[where], novelty, positions[where])
                 top = torch.topk(score, k).indices
                 active[where[top]] = True
-                if dec.router == "learned":
-                    weights[where[top]] = torch.sigmoid(score[top]).to(x.dtype)
+                if str(i) in dec.experts:  # the trained gate, whichever router selects
+                    gate = (
+                        score[top]
+                        if dec.router == "learned"
+                        else dec.experts[str(i)](x[where[top]])
+                    )
+                    weights[where[top]] = torch.sigmoid(gate).to(x.dtype)
         idx = torch.nonzero(active).squeeze(-1)
         out, _, _ = dec.block(i, x[idx], positions[idx], (empty_kv, empty_kv), empty_mask)
         w = weights[idx].unsqueeze(-1)
