@@ -108,12 +108,16 @@ def _export(
     """TorchScript-based exporter: fast, single file (no external data below 2 GB), and with our
     own attention (no HF mask helpers) it keeps the dynamic axes we name."""
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
+    # Above 2 GB the exporter writes one file per weight beside the graph; it exports into a
+    # scratch folder so that only the graph and its single .data file reach the bundle.
+    target = path.parent / f".{path.stem}-export" / path.name if big else path
+    target.parent.mkdir(exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             args,
-            str(path),
+            str(target),
             input_names=inputs,
             output_names=outputs,
             dynamic_axes=dynamic,
@@ -121,11 +125,15 @@ def _export(
             do_constant_folding=True,
             dynamo=False,
         )
-    if big:  # protobuf's 2 GB limit: move weights to external data
+    if big:  # protobuf's 2 GB limit: weights go to one external data file
+        import shutil
+
         import onnx
 
-        m = onnx.load(str(path))
+        m = onnx.load(str(target))
         onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data")
+        del m
+        shutil.rmtree(target.parent)
 
 
 @torch.no_grad()
