@@ -110,6 +110,12 @@ def top1_agreement(bundle_dir: Path, frames: int = 16) -> dict[str, Any]:
     }
 
 
+def _graph_bytes(path: Path) -> int:
+    """A graph's size with its external weights (`NAME.data`), if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def quantize_bundle(
     bundle_dir: str | Path, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -138,8 +144,8 @@ def quantize_bundle(
     write_manifest(d, manifest)
     say("[4/4] measuring top-1 agreement with fp32 (teacher-forced replay)")
     result = top1_agreement(d)
-    fp32_bytes = sum((d / bundle.manifest["graphs"][g]["file"]).stat().st_size for g in overrides)
-    int8_bytes = sum((d / f).stat().st_size for f in overrides.values())
+    fp32_bytes = sum(_graph_bytes(d / bundle.manifest["graphs"][g]["file"]) for g in overrides)
+    int8_bytes = sum(_graph_bytes(d / f) for f in overrides.values())
     result.update(
         weight_type="int8 per-channel dynamic", bytes_fp32=fp32_bytes, bytes_int8=int8_bytes
     )
