@@ -52,6 +52,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         kv_capacity=a.kv_capacity,
         dtype=a.dtype,
         fps=a.fps,
+        keep_text_tokens=a.keep_text_tokens,
     )
     out, manifest = export_bundle(
         model, tok, a.out, opts, progress=lambda m: print(m, file=sys.stderr)
@@ -180,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-frame", default=None, help="e.g. 1+3x3 (default: the checkpoint's)"
     )
     e.add_argument("--kv-capacity", type=int, default=4096, help="KV tokens per dense layer")
+    e.add_argument(
+        "--keep-text-tokens",
+        type=int,
+        default=256,
+        help="narration tokens kept across evictions (with the system prompt, the reserve)",
+    )
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     e.add_argument(
         "--fps", type=float, default=2.0, help="default sampling rate stored in the bundle"
