@@ -308,7 +308,7 @@ class Bench:
             sp = peers.StepperProbes(gs.stepper(), warm, self.embeds, ids.interval_id)
             probes.append(sp.frame(f"onsight r={r}"))
             toks = [1 + (b.layout.k if i in b.layout.routed else N) for i in range(dims.layers)]
-            floors[f"onsight r={r}"] = report.step_floor(dims, toks, sp.lengths, 4, b.layout)
+            floors[f"onsight r={r}"] = report.step_floor(dims, toks, sp.lengths, 4, sp.spans)
         name = "vision encoder (1 frame)"
         probes.append(peers.Probe(name, lambda i: vis.encode(px[i % len(px)][None])))
         floors[name] = report.vision_floor(ws.vision, b0.image_size, dims.hidden,
@@ -348,7 +348,7 @@ class Bench:
                        peers.Probe(f"vision encoder (1 frame) {label}",
                                    lambda i: s.encode(px[i % len(px)][None]))]  # fmt: skip
         dims = report.LMDims.from_manifest(b.manifest)
-        floor = report.step_floor(dims, [1] * dims.layers, sp.lengths, 1 if int8 else 4, b.layout)
+        floor = report.step_floor(dims, [1] * dims.layers, sp.lengths, 1 if int8 else 4, sp.spans)
         self._record(peers.interleave(probes, self.o.iters, self.o.warmup), {probes[0].name: floor})
         s.close()
 

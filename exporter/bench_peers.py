@@ -198,6 +198,7 @@ class StepperProbes:
         self.group = warm_up(stepper, warm)
         self.snap = snapshot(stepper)
         self.lengths = list(stepper.cache.lengths)  # per-layer fill, for the attention floor
+        self.spans = list(stepper.cache.span)  # per-layer slots the graphs read
 
     def _before(self, i: int) -> None:
         restore(self.s, self.snap)
