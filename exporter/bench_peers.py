@@ -8,12 +8,11 @@ on the same frame, in alternation.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -429,36 +428,6 @@ def rss_stream(a, label: str, frames: int) -> dict[str, Any]:
         "kv_total_mb": a.bundle.layout.total_bytes() / 2**20,
         "gpu": gpu,
     }
-
-
-# ---- int8: a stop-gap around exporter/quantize.py's temporary re-save ----
-
-
-@contextlib.contextmanager
-def big_onnx_save(module) -> Iterator[list[str]]:
-    """While active, `module.onnx.save` writes models with over 1.8 GB of weights with external
-    data: quantize.py re-saves the loaded fp32 graph to a temporary file, which protobuf cannot
-    serialise past 2 GB. Yields the paths it saved that way (empty: the shim did nothing)."""
-    import onnx
-
-    used: list[str] = []
-
-    class _Onnx:
-        def __getattr__(self, name: str):
-            return getattr(onnx, name)
-
-        @staticmethod
-        def save(model, path, *args, **kwargs):
-            if sum(len(t.raw_data) for t in model.graph.initializer) > 1.8e9 and not kwargs:
-                used.append(str(path))
-                kwargs = {"save_as_external_data": True, "location": Path(path).name + ".data"}
-            return onnx.save(model, path, *args, **kwargs)
-
-    original, module.onnx = module.onnx, _Onnx()
-    try:
-        yield used
-    finally:
-        module.onnx = original
 
 
 # ---- this machine's peaks: the denominators of achieved / floor ----

@@ -38,9 +38,16 @@ def _quantize_graph(src: Path, dst: Path) -> None:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer warns on the root logger about pre-processing
-    with tempfile.TemporaryDirectory() as tmp:
+    # protobuf cannot serialise past 2 GB: big graphs (and their int8 versions, which keep
+    # fp32 embeddings) are written with their weights in one external `.data` file
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > 1.8e9
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         clean = Path(tmp) / src.name
-        onnx.save(model, str(clean))
+        if big:
+            onnx.save(model, str(clean), save_as_external_data=True, location=clean.name + ".data")
+        else:
+            onnx.save(model, str(clean))
+        del model
         try:
             quantize_dynamic(
                 str(clean),
@@ -48,6 +55,7 @@ def _quantize_graph(src: Path, dst: Path) -> None:
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 op_types_to_quantize=["MatMul", "Gemm"],
+                use_external_data_format=big,
             )
         finally:
             root.setLevel(level)
@@ -137,7 +145,9 @@ def quantize_bundle(
             _quantize_graph(bundle.graph_path(g), tmp / name)
             overrides[g] = name
         for name in overrides.values():
-            shutil.move(str(tmp / name), str(d / name))
+            for f in (name, name + ".data"):
+                if (tmp / f).is_file():
+                    shutil.move(str(tmp / f), str(d / f))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["graph_overrides"] = overrides

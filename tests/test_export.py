@@ -230,3 +230,26 @@ def test_info_reports_mod_kv_savings(native_model, tmp_path):
     assert np.isclose(
         b.layout.bytes_per_frame(True) / b.layout.bytes_per_frame(False), (2 * 10 + 2 * 2) / 40
     )
+
+
+def test_int8_build_records_agreement_and_the_runtime_uses_it(tiny_bundle, tmp_path):
+    import shutil
+
+    from onsight.runtime.cli import main
+    from onsight.runtime.ort_backend import OrtSessions
+
+    path, _, _ = tiny_bundle
+    b = tmp_path / "b"
+    shutil.copytree(path, b)
+    assert main(["build", str(b), "--backend", "onnxruntime", "--quantize", "int8"]) == 0
+    bundle = load_bundle(b)  # checksums of the added graphs are in the manifest
+    m = bundle.manifest
+    assert set(m["graph_overrides"]) == {"vision", "text_step", "frame_step"}
+    assert m["int8"]["top1_agreement"] >= 0.8 and m["int8"]["steps"] > 50
+    assert m["int8"]["bytes_int8"] < m["int8"]["bytes_fp32"]
+    quantized = onnx.load(str(b / m["graph_overrides"]["frame_step"]))
+    assert any(
+        n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in quantized.graph.node
+    )
+    assert OrtSessions(bundle, "cpu").name.endswith(":int8")
+    assert not OrtSessions(bundle, "cpu", use_overrides=False).name.endswith(":int8")
