@@ -365,7 +365,7 @@ class Bench:
         for r, path in pairs:
             b = load_bundle(path, verify=False)
             graph = b.path / b.manifest["graph_overrides"]["frame_step"]
-            gs = peers.GraphSessions(b, {"frame_step": graph}, self.device)
+            gs = peers.GraphSessions(b, {"frame_step": graph}, "cpu")  # int8 is for CPUs
             ids = _template(b)
             warm = peers.warm_stream(ids, self.embeds, o.fill_tokens)
             sp = peers.StepperProbes(gs.stepper(), warm, self.embeds, ids.interval_id)

@@ -37,9 +37,11 @@ class StreamingModel(nn.Module):
         new.encoder = self.encoder
         experts = self.decoder.experts
         new.decoder = ModDecoder(self.decoder.lm, cfg)
-        for name, expert in experts.items():
-            if name in new.decoder.experts:
-                new.decoder.experts[name] = expert
+        # only trained experts carry over: a layer newly routed under the new settings has
+        # none (its gate would be a random Linear), so it routes without a gate
+        new.decoder.experts = nn.ModuleDict(
+            {name: e for name, e in experts.items() if name in new.decoder.experts}
+        )
         return new.eval()
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ Graph IO (batch 1, no batch dimension in the decoder graphs):
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -107,33 +108,36 @@ def _export(
 ) -> None:
     """TorchScript-based exporter: fast, single file (no external data below 2 GB), and with our
     own attention (no HF mask helpers) it keeps the dynamic axes we name."""
-    big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
-    # Above 2 GB the exporter writes one file per weight beside the graph; it exports into a
-    # scratch folder so that only the graph and its single .data file reach the bundle.
-    target = path.parent / f".{path.stem}-export" / path.name if big else path
-    target.parent.mkdir(exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            str(target),
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=dynamic,
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    if big:  # protobuf's 2 GB limit: weights go to one external data file
-        import shutil
+    import shutil
 
-        import onnx
+    # Above 2 GB the exporter writes one file per weight beside the graph, so it always
+    # exports into a scratch folder; only the graph (and one .data file) reach the bundle.
+    scratch = path.parent / f".{path.stem}-export"
+    scratch.mkdir(exist_ok=True)
+    target = scratch / path.name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(target),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=dynamic,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        if len(list(scratch.iterdir())) > 1:  # weights went to external files
+            import onnx
 
-        m = onnx.load(str(target))
-        onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data")
-        del m
-        shutil.rmtree(target.parent)
+            m = onnx.load(str(target))
+            onnx.save(m, str(path), save_as_external_data=True, location=path.name + ".data")
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @torch.no_grad()

@@ -34,7 +34,11 @@ def _device_resident(sessions):
             "every step; pip install cuda-python to keep it on the GPU"
         )
         return sessions
-    return OrtDeviceBackend(sessions)
+    try:
+        return OrtDeviceBackend(sessions)
+    except Exception as e:  # noqa: BLE001 - e.g. a driver / cuda-python mismatch
+        log.warning("IO binding unavailable (%s); the KV cache makes a host round trip", e)
+        return sessions
 
 
 def make_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):

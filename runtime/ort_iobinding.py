@@ -58,31 +58,37 @@ def bind_step(session, inputs: dict[str, Any], fetch: tuple[str, ...], device: s
 class OrtDeviceBackend:
     """OrtSessions on the CUDA execution provider, run through IO binding."""
 
-    def __init__(self, sessions: OrtSessions, device: str = "cuda"):
-        self.sessions = sessions
+    def __init__(self, ort: OrtSessions, device: str = "cuda"):
+        self.ort = ort
+        self.sessions = ort.sessions  # graph name -> InferenceSession, as OrtSessions has
+        self.inputs = ort.inputs
         self.device = device  # where DeviceBuffers live ("cpu" only in tests)
-        self.bundle = sessions.bundle
+        self.bundle = ort.bundle
         self.cudart = _cudart()
         self.stream = _check(self.cudart.cudaStreamCreate())
+        self._last: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
-        return self.sessions.name + ":iobinding"
+        return self.ort.name + ":iobinding"
 
     def run(self, graph: str, inputs: dict[str, Any], fetch: tuple[str, ...]) -> dict[str, Any]:
         # the cache writes queued on our stream must land before onnxruntime reads the cache
         _check(self.cudart.cudaStreamSynchronize(self.stream))
-        return bind_step(self.sessions.sessions[graph], inputs, fetch, self.device)
+        out = bind_step(self.sessions[graph], inputs, fetch, self.device)
+        self._last = out  # device outputs stay alive until the next step's sync
+        return out
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
-        return self.sessions.encode(frames)
+        return self.ort.encode(frames)
 
     def stepper(self, policy: EvictionPolicy | None = None) -> DeviceStepper:
         return DeviceStepper(self, policy or self.bundle.policy)
 
     def close(self) -> None:
         _check(self.cudart.cudaStreamSynchronize(self.stream))
-        self.sessions.close()
+        self._last = None
+        self.ort.close()
 
 
 def io_binding_ready() -> bool:

@@ -317,3 +317,139 @@ def test_ablation_table_runs_on_a_tiny_model(tiny_tokenizer, tmp_path):
     main_rows = tables[: 2 + len(rows)]
     assert all(ln.count("|") == header for ln in main_rows)
     assert "not trained" in text
+
+
+# ---- teacher-forced metrics: perplexity, LM correctness, fluency ----
+
+
+def _old_narration_perplexity(checkpoint, streams) -> float:
+    """`narration_perplexity` as it was before `teacher_forced_metrics` took it over."""
+    import math
+
+    from tokenizers import Tokenizer
+
+    from onsight.exporter.demo.train import batched_hidden
+    from onsight.exporter.model import load_native
+    from onsight.runtime.synthetic import Stream
+
+    model, tok_path = load_native(checkpoint)
+    tok = Tokenizer.from_file(str(tok_path))
+    t = build_template_ids(tok, dataclasses.asdict(model.cfg.template))
+    v_id = tok.token_to_id(model.cfg.template.v_token)
+    dec = model.decoder
+    total, count = 0.0, 0
+    for stream in streams:
+        plain = Stream(
+            stream.seed, stream.config, stream.fps, stream.frames, stream.states, stream.events, ()
+        )
+        ex = build_example(
+            plain,
+            t,
+            lambda s: tok.encode(s, add_special_tokens=False).ids,
+            v_id,
+            model.cfg.tokens_per_frame,
+        )
+        with torch.no_grad():
+            x = batched_hidden(
+                model,
+                torch.from_numpy(ex.ids)[None],
+                torch.from_numpy(ex.frames)[None],
+                torch.from_numpy(ex.frame_pos)[None],
+            )[0]
+            labels = torch.from_numpy(ex.labels)
+            mask = labels != IGNORE
+            if not mask.any():
+                continue
+            logits = dec.lm_head(dec.final_norm(x[mask])).float()
+            ce = torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum")
+        total += float(ce)
+        count += int(mask.sum())
+    return math.exp(total / count) if count else float("nan")
+
+
+def test_teacher_forced_metrics_on_a_tiny_model(tiny_tokenizer, tmp_path):
+    from conftest import make_tiny_model
+
+    from onsight.exporter.config import PreprocessConfig
+    from onsight.exporter.demo.evaluate import (
+        held_out_streams,
+        narration_perplexity,
+        teacher_forced_metrics,
+    )
+    from onsight.exporter.model import StreamingModel, save_native
+
+    tok, vocab = tiny_tokenizer
+    # The synthetic world draws 64 x 64 frames, which the torch encoder takes as they come.
+    cfg = make_tiny_model(vocab).cfg.replace(preprocess=PreprocessConfig(image_size=64))
+    torch.manual_seed(0)
+    ckpt = save_native(StreamingModel(cfg).eval(), tok, tmp_path / "ckpt")
+    data = held_out_streams(streams=3, frames=16)
+    assert any(s.events for s in data) and any(s.questions for s in data)
+    tf = teacher_forced_metrics(ckpt, data)
+    assert tf.perplexity == _old_narration_perplexity(ckpt, data)  # the same numbers, exactly
+    assert narration_perplexity(ckpt, data) == tf.perplexity
+    assert tf.n_turns == sum(len(s.events) for s in data) > 0
+    assert 0.0 <= tf.lm_correctness <= 1.0 and 0.0 <= tf.fluency <= 1.0
+    # a random model speaks and words at random: nowhere near perfect
+    assert tf.lm_correctness < 1.0 and tf.fluency < 1.0
+
+
+def test_fluency_and_lm_correctness_on_hand_made_logits(tiny_tokenizer):
+    """Perfect logits but for a known wrong reply token (turn 0) and a known undecided silent
+    frame (turn 1): fluency stops counting there; a lower threshold forgives the frame."""
+    from tokenizers import Tokenizer
+
+    from onsight.exporter.config import TemplateConfig
+    from onsight.exporter.demo.evaluate import TeacherForcedTally, turn_fluency
+
+    tok_path, vocab = tiny_tokenizer
+    tok = Tokenizer.from_file(str(tok_path))
+    t = build_template_ids(tok, dataclasses.asdict(TemplateConfig()))
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    cfg = dataclasses.replace(curriculum(2), question_prob=0.0)
+    stream = next(
+        s
+        for s in (generate_stream(seed, 20, cfg) for seed in range(100))
+        if len(s.events) >= 2 and s.events[1].frame_index - s.events[0].frame_index >= 3
+    )
+    ex = build_example(stream, t, enc, vocab, 10)
+    targets = ex.labels[ex.labels != IGNORE]
+    lm = np.full((len(targets), vocab), -30.0, np.float32)
+    lm[np.arange(len(targets)), targets] = 30.0
+    frames = np.full((len(ex.stream_label), vocab), -30.0, np.float32)
+    frames[np.arange(len(ex.stream_label)), ex.stream_label] = 30.0
+
+    # Turns: frames up to and including each event frame, then the reply's tokens + EOS.
+    ev = [e.frame_index for e in stream.events]
+    n_frames = [ev[0] + 1] + [b - a for a, b in zip(ev, ev[1:])]
+    n_reply = [len(enc(" " + e.text)) + 1 for e in stream.events]
+    assert len(targets) == sum(n_reply)
+
+    def tally(lm_logits, frame_logits, threshold=0.725):
+        tf = TeacherForcedTally()
+        tf.add(ex, lm_logits, frame_logits, t.interval_id, threshold)
+        return tf.result()
+
+    perfect = tally(lm, frames)
+    assert perfect.fluency == 1.0 and perfect.lm_correctness == 1.0
+    assert perfect.n_turns == len(ev) and perfect.perplexity == pytest.approx(1.0)
+
+    # Turn 0: the reply's third token is wrong.
+    wrong = targets[2] + 1 if targets[2] + 1 < vocab else 0
+    lm[2, targets[2]], lm[2, wrong] = -30.0, 30.0
+    # Turn 1: its second (silent) frame has p(interval) = 0.6, below the 0.725 threshold.
+    f = ev[0] + 2
+    assert ex.stream_label[f] == t.interval_id
+    frames[f] = -30.0
+    frames[f, t.interval_id], frames[f, t.stream_close[0]] = np.log(1.5), 0.0  # p = 0.6 : 0.4
+    others = [1.0] * (len(ev) - 2)
+    flu0 = (n_frames[0] + 2) / (n_frames[0] + n_reply[0])
+    flu1 = 1 / (n_frames[1] + n_reply[1])
+    got = tally(lm, frames)
+    assert got.fluency == pytest.approx(np.mean([flu0, flu1, *others]))
+    assert got.lm_correctness == pytest.approx((len(targets) - 1) / len(targets))
+    assert got.perplexity > perfect.perplexity
+    # At threshold 0.5 the frame stays silent (as the runtime decides), so turn 1 is perfect.
+    assert tally(lm, frames, threshold=0.5).fluency == pytest.approx(np.mean([flu0, 1, *others]))
+    assert turn_fluency([True, True], [True, False, True]) == 0.6
+    assert turn_fluency([False, True], [True]) == 0.0
