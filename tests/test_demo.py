@@ -453,3 +453,36 @@ def test_fluency_and_lm_correctness_on_hand_made_logits(tiny_tokenizer):
     assert tally(lm, frames, threshold=0.5).fluency == pytest.approx(np.mean([flu0, 1, *others]))
     assert turn_fluency([True, True], [True, False, True]) == 0.6
     assert turn_fluency([False, True], [True]) == 0.0
+
+
+def _train_weights(out: Path, steps: int, resume: bool = False, extend_to: int | None = None):
+    from safetensors.torch import load_file
+
+    from onsight.exporter.demo.train import train
+
+    torch.set_num_threads(1)
+    tcfg = TrainConfig(seed=3, steps=steps, batch_size=2, num_frames=6, warmup=1)
+    native = train(out, tcfg, "cpu", resume=resume, minutes=None, extend_to=extend_to)
+    return load_file(str(Path(native) / "model.safetensors"))
+
+
+def test_train_demo_reproduces_weights_from_the_seed_and_resumes_exactly(tmp_path, monkeypatch):
+    from onsight.exporter.demo import train as train_mod
+
+    a = _train_weights(tmp_path / "a", 4)
+    b = _train_weights(tmp_path / "b", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    real, calls = train_mod.compute_loss, []
+
+    def ctrl_c_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "compute_loss", ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train_weights(tmp_path / "c", 4)
+    monkeypatch.setattr(train_mod, "compute_loss", real)
+    c = _train_weights(tmp_path / "c", 4, resume=True)  # Ctrl-C lost nothing
+    assert all(torch.equal(a[k], c[k]) for k in a)

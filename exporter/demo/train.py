@@ -478,6 +478,11 @@ def train(
                 save_state(state_path, model, heads, opt, step, tcfg)
                 log.warning("time budget reached at step %d of %d", step, tcfg.steps)
                 break
+    except KeyboardInterrupt:
+        # nothing lost: the state after the last finished step is saved before stopping
+        save_state(state_path, model, heads, opt, step, tcfg)
+        log.warning("interrupted at step %d of %d; continue with --resume", step, tcfg.steps)
+        raise
     finally:
         bar.close()
         logf.close()
