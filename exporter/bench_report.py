@@ -237,7 +237,8 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     torch_rows = {k: v for k, v in pre.items() if k.startswith("torch")}
     fastest = min(torch_rows, key=torch_rows.get) if torch_rows else None
     peers = [("torch eager (VideoLLM-online style)", "PyTorch eager, VideoLLM-online style")]
-    peers += [(fastest, f"fastest PyTorch eager {(fastest or '').removeprefix('torch eager ')}")]
+    if fastest != peers[0][0]:
+        peers += [(fastest, f"fastest PyTorch eager {(fastest or '').removeprefix('torch eager ')}")]
     peers += [("optimum ORTModelForCausalLM", "optimum ORTModelForCausalLM")]
     for peer, label in peers:
         for cfg in (ship, "onsight r=1.0") if ship != "onsight r=1.0" else (ship,):
