@@ -29,8 +29,10 @@ from onsight.runtime.template import build_template_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "engines" / "demo"
-# Measured on the shipped bundle (see engines/demo-checkpoint/TRAINING.md) minus a margin.
-SHIPPED_F1_FLOOR = 0.0
+# Measured on the shipped bundle (see engines/demo-checkpoint/TRAINING.md) minus a margin:
+# on these 10 x 40-frame held-out streams it scores exact F1 0.448 and kind F1 0.920.
+SHIPPED_F1_FLOOR = 0.35
+SHIPPED_KIND_F1_FLOOR = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +184,7 @@ def test_shipped_bundle_meets_its_quality_floor():
 
     report = evaluate(SHIPPED, streams=10, frames=40)
     assert report["narration"]["exact"]["f1"] >= SHIPPED_F1_FLOOR
+    assert report["narration"]["kind"]["f1"] >= SHIPPED_KIND_F1_FLOOR
 
 
 # ---- ablations: baseline routers, early exit, the table ----
