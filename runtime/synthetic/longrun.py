@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="engines/demo")
     p.add_argument("--hours", type=float, default=2.0)
     p.add_argument("--window-min", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=424242, help="world seed of the stream")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    result = long_run(a.engine, a.hours, a.window_min)
+    result = long_run(a.engine, a.hours, a.window_min, a.seed)
     text = json.dumps(result, indent=2)
     if a.out:
         a.out.write_text(text)
