@@ -176,6 +176,11 @@ def snapshot(stepper) -> _Snapshot:
 def restore(stepper, snap: _Snapshot) -> None:
     """Back to the warm fill: slots past each saved length become invalid again."""
     c = stepper.cache
+    if any(now < n for now, n in zip(c.lengths, snap.lengths, strict=True)):
+        raise RuntimeError(
+            "a measured step evicted from the KV cache, so it cannot be rewound: use a "
+            "smaller warm fill than the bundle's KV capacity allows"
+        )
     for i, n in enumerate(snap.lengths):
         c.truncate(i, n)
     c.table = copy.deepcopy(snap.table)
@@ -197,6 +202,9 @@ class StepperProbes:
         self.group = warm_up(stepper, warm)
         self.snap = snapshot(stepper)
         self.lengths = list(stepper.cache.lengths)  # per-layer fill, for the attention floor
+        self._before(0)  # one step first, so the spans are those every measured step reads
+        stepper.frame([interval_id], frames[0], self.group)
+        restore(stepper, self.snap)
         self.spans = list(stepper.cache.span)  # per-layer slots the graphs read
 
     def _before(self, i: int) -> None:
