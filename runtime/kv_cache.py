@@ -151,15 +151,19 @@ class KVCache:
             return dense
         return min(dense, lay.capacity_mod // (lay.k + 1))
 
-    def ensure_room(self, new_dense: int, new_mod: int, inv_freq: np.ndarray) -> bool:
-        """Evict by policy if the next step would overflow any layer. Returns True if it did."""
+    def needs_room(self, new_dense: int, new_mod: int) -> bool:
+        """Whether the next step's tokens would overflow any layer."""
         routed = self.layout.routed
-        full = any(
+        return any(
             self.lengths[i] + (new_mod if i in routed else new_dense) > len(self.masks[i])
             for i in range(self.layout.num_layers)
         )
-        if not full:
+
+    def ensure_room(self, new_dense: int, new_mod: int, inv_freq: np.ndarray) -> bool:
+        """Evict by policy if the next step would overflow any layer. Returns True if it did."""
+        if not self.needs_room(new_dense, new_mod):
             return False
+        routed = self.layout.routed
         plan = self.table.plan(
             self.policy,
             self.layout.capacity_dense,
@@ -205,5 +209,10 @@ class KVCache:
             self._respan(i, _round_span(max(n + t, int(self.span[i] * SPAN_GROWTH)), cap))
         self.k[i][:, n : n + t] = k
         self.v[i][:, n : n + t] = v
+        self.advance(i, positions)
+
+    def advance(self, i: int, positions: np.ndarray) -> None:
+        """Record tokens appended to layer i (their K/V written by the caller, e.g. on a GPU)."""
+        n, t = self.lengths[i], len(positions)
         self.positions[i][n : n + t] = positions
         self._set_length(i, n + t)

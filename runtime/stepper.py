@@ -50,12 +50,20 @@ class CachedStepper:
     ) -> FrameOut:
         raise NotImplementedError
 
+    def ensure_room(self, new_dense: int, new_mod: int) -> None:
+        """Evict if the next step would overflow (device steppers stage the cache first)."""
+        self.cache.ensure_room(new_dense, new_mod, self.inv_freq)
+
+    def write(self, i: int, k, v, positions: np.ndarray) -> None:
+        """Append a step's new K/V of layer i to the cache (device steppers copy on the GPU)."""
+        self.cache.write(i, k, v, positions)
+
     def text(self, ids: list[int], kind: int, group: int) -> np.ndarray:
-        self.cache.ensure_room(len(ids), len(ids), self.inv_freq)
+        self.ensure_room(len(ids), len(ids))
         pos = self.cache.table.append(len(ids), kind, group)
         logits, nk, nv = self.run_text(np.asarray(ids, np.int64), pos)
         for i in range(self.layout.num_layers):
-            self.cache.write(i, nk[i], nv[i], pos)
+            self.write(i, nk[i], nv[i], pos)
         return logits
 
     def frame(
@@ -67,7 +75,7 @@ class CachedStepper:
         if keep is not None:
             embeds, prev_full = full[keep], prev_full[keep]
         t, n = len(ids), embeds.shape[0]
-        self.cache.ensure_room(t + n, t + self.layout.k, self.inv_freq)
+        self.ensure_room(t + n, t + self.layout.k)
         table = self.cache.table
         pos_text = table.append(t, FRAME, group)
         pos_vis = table.append(n, FRAME, group, vision=True)
@@ -82,5 +90,5 @@ class CachedStepper:
                 pos = np.concatenate([pos_text, pos_vis[np.asarray(kept_by_layer[i])]])
             else:
                 pos = positions
-            self.cache.write(i, nk[i], nv[i], pos)
+            self.write(i, nk[i], nv[i], pos)
         return logits

@@ -15,7 +15,8 @@ import numpy as np
 
 from onsight.runtime.bundle import Bundle
 from onsight.runtime.errors import EngineError
-from onsight.runtime.kv_policy import FRAME, EvictionPolicy
+from onsight.runtime.kv_policy import EvictionPolicy
+from onsight.runtime.stepper import CachedStepper, FrameOut, TextOut
 from onsight.runtime.trt_build import check_plan_compat, gpu_info
 
 log = logging.getLogger(__name__)
@@ -188,52 +189,36 @@ class TrtBackend:
         self.engines.clear()
 
 
-class DeviceStepper:
-    """The same contract as CachedStepper, with the cache on the GPU.
+class DeviceStepper(CachedStepper):
+    """CachedStepper with the cache on the GPU.
 
     `backend` supplies `bundle`, `cudart`, `stream` and `run(graph, inputs, fetch)`, whose
     unfetched outputs expose a device pointer `.ptr`: TensorRT plans here, onnxruntime's CUDA
-    provider through IO binding in ort_iobinding.py.
+    provider through IO binding in ort_iobinding.py. The host-side KVCache keeps the
+    bookkeeping (lengths, positions, masks, token table); its K/V arrays are used only as
+    staging during eviction.
     """
 
     def __init__(self, backend, policy: EvictionPolicy):
-        from onsight.runtime.kv_cache import KVCache
-
+        b = backend.bundle
+        # graphs bind the whole preallocated buffers (TensorRT profiles fix their length)
+        super().__init__(b.layout, b.inv_freq, b.routed_layers, policy, spans=False)
         self.b = backend
-        lay = backend.bundle.layout
-        self.layout = lay
-        # Host-side bookkeeping (lengths, positions, masks, token table) reuses KVCache; its
-        # host K/V arrays are used only as staging during eviction.
-        self.cache = KVCache(lay, policy, spans=False)  # plans bind whole buffers
-        self.inv_freq = backend.bundle.inv_freq
-        self.all_routed = backend.bundle.routed_layers
-        dt = np.dtype(lay.dtype)
-        self.k = [
-            DeviceBuffer((lay.kv_heads, lay.capacity(i), lay.head_dim), dt)
-            for i in range(lay.num_layers)
-        ]
-        self.v = [
-            DeviceBuffer((lay.kv_heads, lay.capacity(i), lay.head_dim), dt)
-            for i in range(lay.num_layers)
-        ]
-        self.prev_embeds: np.ndarray | None = None
-
-    @property
-    def evictions(self) -> int:
-        return self.cache.evictions
-
-    def reset(self) -> None:
-        self.cache.reset()
-        self.prev_embeds = None
-
-    def _ensure(self, new_dense: int, new_mod: int) -> None:
+        lay, dt = self.layout, np.dtype(self.layout.dtype)
+        shapes = [(lay.kv_heads, lay.capacity(i), lay.head_dim) for i in range(lay.num_layers)]
+        self.k = [DeviceBuffer(shape, dt) for shape in shapes]
+        self.v = [DeviceBuffer(shape, dt) for shape in shapes]
+        dense = next((i for i in range(lay.num_layers) if i not in lay.routed), None)
+        mod = next((i for i in range(lay.num_layers) if i in lay.routed), None)
         c = self.cache
-        routed = self.layout.routed
-        full = any(
-            c.lengths[i] + (new_mod if i in routed else new_dense) > len(c.masks[i])
-            for i in range(self.layout.num_layers)
+        self._dense_mask = (
+            c.masks[dense] if dense is not None else np.zeros(lay.capacity_dense, bool)
         )
-        if not full:
+        self._mod_mask = c.masks[mod] if mod is not None else np.zeros(lay.capacity_mod, bool)
+
+    def ensure_room(self, new_dense: int, new_mod: int) -> None:
+        c = self.cache
+        if not c.needs_room(new_dense, new_mod):
             return
         s = self.b.stream
         for i in range(self.layout.num_layers):  # device -> host staging, rebase, back
@@ -244,25 +229,10 @@ class DeviceStepper:
             self.k[i].upload(c.k[i], s)
             self.v[i].upload(c.v[i], s)
 
-    def _inputs(self, **extra) -> dict:
-        c, lay = self.cache, self.layout
-        dense = next((i for i in range(lay.num_layers) if i not in lay.routed), None)
-        mod = next((i for i in range(lay.num_layers) if i in lay.routed), None)
-        feeds = dict(extra)
-        feeds["dense_mask"] = (
-            c.masks[dense] if dense is not None else np.zeros(lay.capacity_dense, bool)
-        )
-        feeds["mod_mask"] = c.masks[mod] if mod is not None else np.zeros(lay.capacity_mod, bool)
-        for i in range(lay.num_layers):
-            feeds[f"past_key_{i}"] = self.k[i]
-            feeds[f"past_value_{i}"] = self.v[i]
-        return feeds
-
-    def _append(self, i: int, new_k, new_v, positions: np.ndarray) -> None:
+    def write(self, i: int, new_k, new_v, positions: np.ndarray) -> None:
         """Strided in-place device copy of (Hkv, T, D) after the layer's valid slots."""
         cud = self.b.cudart
-        c = self.cache
-        n, t = c.lengths[i], len(positions)
+        n, t = self.cache.lengths[i], len(positions)
         item = np.dtype(self.layout.dtype).itemsize
         row = t * self.layout.head_dim * item
         pitch_dst = self.k[i].shape[1] * self.layout.head_dim * item
@@ -280,53 +250,35 @@ class DeviceStepper:
                     self.b.stream,
                 )
             )
-        c.positions[i][n : n + t] = positions
-        c._set_length(i, n + t)
+        self.cache.advance(i, positions)
 
-    def text(self, ids: list[int], kind: int, group: int) -> np.ndarray:
-        self._ensure(len(ids), len(ids))
-        pos = self.cache.table.append(len(ids), kind, group)
-        out = self.b.run(
-            "text_step",
-            self._inputs(input_ids=np.asarray(ids, np.int64), position_ids=pos),
-            fetch=("logits",),
-        )
+    def _run(self, graph: str, fetch: tuple[str, ...], **feeds) -> dict:
+        feeds["dense_mask"], feeds["mod_mask"] = self._dense_mask, self._mod_mask
         for i in range(self.layout.num_layers):
-            self._append(i, out[f"new_key_{i}"], out[f"new_value_{i}"], pos)
-        return np.asarray(out["logits"], np.float32)
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = self.k[i], self.v[i]
+        return self.b.run(graph, feeds, fetch=fetch)
 
-    def frame(self, ids: list[int], embeds: np.ndarray, group: int, keep=None) -> np.ndarray:
-        full = embeds
-        prev_full = self.prev_embeds if self.prev_embeds is not None else np.zeros_like(full)
-        if keep is not None:
-            embeds, prev_full = full[keep], prev_full[keep]
-        t, n = len(ids), embeds.shape[0]
-        self._ensure(t + n, t + self.layout.k)
-        table = self.cache.table
-        pos_text = table.append(t, FRAME, group)
-        pos_vis = table.append(n, FRAME, group, vision=True)
-        positions = np.concatenate([pos_text, pos_vis])
-        prev = prev_full
+    def _new_kv(self, out: dict) -> tuple[list, list]:
+        L = self.layout.num_layers
+        return [out[f"new_key_{i}"] for i in range(L)], [out[f"new_value_{i}"] for i in range(L)]
+
+    def run_text(self, ids: np.ndarray, positions: np.ndarray) -> TextOut:
+        out = self._run("text_step", ("logits",), input_ids=ids, position_ids=positions)
+        return (np.asarray(out["logits"], np.float32), *self._new_kv(out))
+
+    def run_frame(self, ids, embeds, prev, positions) -> FrameOut:
         dt = np.dtype(self.layout.dtype)
-        kept_names = tuple(f"kept_{i}" for i in self.all_routed)
-        out = self.b.run(
+        kept = tuple(f"kept_{i}" for i in self.all_routed)
+        out = self._run(
             "frame_step",
-            self._inputs(
-                input_ids=np.asarray(ids, np.int64),
-                frame_embeds=embeds.astype(dt),
-                prev_frame_embeds=prev.astype(dt),
-                position_ids=positions,
-            ),
-            fetch=("logits", *kept_names),
+            ("logits", *kept),
+            input_ids=ids,
+            frame_embeds=embeds.astype(dt),
+            prev_frame_embeds=prev.astype(dt),
+            position_ids=positions,
         )
-        self.prev_embeds = full
-        for i in range(self.layout.num_layers):
-            if i in self.layout.routed:
-                pos = np.concatenate([pos_text, pos_vis[np.asarray(out[f"kept_{i}"])]])
-            else:
-                pos = positions
-            self._append(i, out[f"new_key_{i}"], out[f"new_value_{i}"], pos)
-        return np.asarray(out["logits"], np.float32)
+        logits = np.asarray(out["logits"], np.float32)
+        return (logits, *self._new_kv(out), [np.asarray(out[k]) for k in kept])
 
 
 TrtStepper = DeviceStepper  # the name it had before onnxruntime's CUDA path shared it
