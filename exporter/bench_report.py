@@ -103,6 +103,9 @@ def vision_floor(
             params += c_in * 9 * c
             c_in = c
         patches = side * side
+        blocks = int(vision.get("tiny_blocks", 0))
+        flops += blocks * 2.0 * c_in * 9 * c_in * patches
+        params += blocks * c_in * 9 * c_in
         flops += 2.0 * c_in * h * patches + 2.0 * h * h
         params += c_in * h + h * h
     else:
@@ -238,7 +241,9 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     fastest = min(torch_rows, key=torch_rows.get) if torch_rows else None
     peers = [("torch eager (VideoLLM-online style)", "PyTorch eager, VideoLLM-online style")]
     if fastest != peers[0][0]:
-        peers += [(fastest, f"fastest PyTorch eager {(fastest or '').removeprefix('torch eager ')}")]
+        peers += [
+            (fastest, f"fastest PyTorch eager {(fastest or '').removeprefix('torch eager ')}")
+        ]
     peers += [("optimum ORTModelForCausalLM", "optimum ORTModelForCausalLM")]
     for peer, label in peers:
         for cfg in (ship, "onsight r=1.0") if ship != "onsight r=1.0" else (ship,):

@@ -41,6 +41,9 @@ class VisionConfig:
     use_pooled: bool = True  # prepend the pooled / CLS token
     hf_config: dict[str, Any] | None = None  # transformers vision config (siglip / clip)
     tiny_channels: tuple[int, ...] = (32, 64, 128)  # conv widths of the tiny tower
+    # residual 3x3 stride-1 convs at the tiny tower's last scale: each widens a patch's view
+    # by 16 px, enough to see a whole object's shape, not only the part in its own cell
+    tiny_blocks: int = 0
 
     @property
     def tokens_per_frame(self) -> int:

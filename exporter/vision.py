@@ -38,8 +38,22 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class ResidualConv(nn.Module):
+    """x + GELU(conv3x3(x)): with the conv at zero it is the identity, so a block can be added
+    to a trained tower without changing what it computes."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.conv(x))
+
+
 class TinyTower(nn.Module):
-    """onsight's own small CNN tower (the demo model): strided convs to a patch grid."""
+    """onsight's own small CNN tower (the demo model): strided convs to a patch grid, then
+    `tiny_blocks` residual convs at that grid."""
 
     def __init__(self, cfg: VisionConfig, image_size: int):
         super().__init__()
@@ -48,6 +62,7 @@ class TinyTower(nn.Module):
         for c in cfg.tiny_channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GELU()]
             c_in = c
+        layers += [ResidualConv(c_in) for _ in range(cfg.tiny_blocks)]
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Linear(c_in, cfg.hidden_size)
         self.pool_head = nn.Linear(cfg.hidden_size, cfg.hidden_size)

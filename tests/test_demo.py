@@ -489,3 +489,35 @@ def test_train_demo_reproduces_weights_from_the_seed_and_resumes_exactly(tmp_pat
     monkeypatch.setattr(train_mod, "compute_loss", real)
     c = _train_weights(tmp_path / "c", 4, resume=True)  # Ctrl-C lost nothing
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
+    """--init-from: a run with a residual tower block starts from an earlier run's weights and
+    computes exactly what it did (the new block starts at zero), then trains the block."""
+    from safetensors.torch import load_file
+
+    from onsight.exporter.demo.train import train
+    from onsight.exporter.model import load_native
+
+    torch.set_num_threads(1)
+    base = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
+    first = train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
+    tuned_cfg = dataclasses.replace(
+        base, steps=0, tower_blocks=1, init_from=str(tmp_path / "a"), stage_fractions=(0.0, 0.0)
+    )
+    start = train(tmp_path / "b", tuned_cfg, "cpu", resume=False, minutes=None)
+    old, _ = load_native(first)
+    new, _ = load_native(start)
+    assert new.cfg.vision.tiny_blocks == 1 and old.cfg.vision.tiny_blocks == 0
+    frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(old.encoder(frames), new.encoder(frames))
+    tuned = train(
+        tmp_path / "c", dataclasses.replace(tuned_cfg, steps=2), "cpu", resume=False, minutes=None
+    )
+    block = load_file(str(Path(tuned) / "model.safetensors"))
+    assert any(".tower.convs.6.conv." in k and block[k].abs().sum() > 0 for k in block)
+
+    with pytest.raises(SystemExit, match="no train_state.pt"):
+        bad = dataclasses.replace(tuned_cfg, init_from=str(tmp_path / "nowhere"))
+        train(tmp_path / "d", bad, "cpu", resume=False, minutes=None)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -40,7 +41,7 @@ VISION_RMS = 0.1  # frame tokens' per-dimension RMS cap (text embeddings start n
 # ---- the model ----
 
 
-def demo_config(vocab: int, keep_ratio: float = 0.2) -> ModelConfig:
+def demo_config(vocab: int, keep_ratio: float = 0.2, tower_blocks: int = 0) -> ModelConfig:
     """The shipped demo architecture: tiny CNN tower, 4-layer Llama, LayerExperts on 1 and 3."""
     decoder = dict(
         vocab_size=vocab,
@@ -60,7 +61,13 @@ def demo_config(vocab: int, keep_ratio: float = 0.2) -> ModelConfig:
     return ModelConfig(
         decoder=decoder,
         # 64x64 frames -> an 8x8 patch grid -> 1 + 3x3 tokens, as VideoLLM-online's 10
-        vision=VisionConfig(kind="tiny", hidden_size=96, grid=3, tiny_channels=(24, 48, 96)),
+        vision=VisionConfig(
+            kind="tiny",
+            hidden_size=96,
+            grid=3,
+            tiny_channels=(24, 48, 96),
+            tiny_blocks=tower_blocks,
+        ),
         preprocess=PreprocessConfig(image_size=64),
         projector_hidden=128,
         mod=ModConfig(keep_ratio=keep_ratio, layers=(1, 3), router="learned"),
@@ -258,6 +265,8 @@ class TrainConfig:
     stage_fractions: tuple[float, float] = (0.1, 0.3)  # curriculum 0 -> 1 -> 2 boundaries
     keep_ratio: float = 0.2  # MoD keep ratio (1.0: the full-compute twin)
     aux_weight: float = 0.5  # weight of the per-frame scene loss (0: VideoLLM-online's alone)
+    tower_blocks: int = 0  # residual convs at the tower's last scale (see VisionConfig)
+    init_from: str = ""  # a run directory whose weights start this run (new tower blocks at 0)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -331,14 +340,49 @@ def load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_model(tokenizer_json: Path, keep_ratio: float, seed: int) -> StreamingModel:
+def build_model(
+    tokenizer_json: Path, keep_ratio: float, seed: int, tower_blocks: int = 0
+) -> StreamingModel:
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tokenizer_json)).token_to_id(V_TOKEN)
     torch.manual_seed(seed)
-    model = StreamingModel(demo_config(vocab, keep_ratio))
+    model = StreamingModel(demo_config(vocab, keep_ratio, tower_blocks))
     init_vision(model)
     return model
+
+
+def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) -> None:
+    """Start from another run's latest weights (not its optimizer or schedule).
+
+    Tensors the earlier model lacks must be residual tower blocks: they start at zero, so
+    the warm-started model computes exactly what the earlier one did.
+    """
+    state = load_state(run_dir / STATE_FILE)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    foreign = [k for k in missing if not _is_tower_block(k)]
+    if foreign or unexpected:
+        raise SystemExit(
+            f"--init-from {run_dir}: its model does not match this one (missing {foreign[:3]}, "
+            f"unexpected {unexpected[:3]}); use the same --keep-ratio / --full-compute"
+        )
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for k in missing:
+            params[k].zero_()
+    if heads is not None and state.get("aux"):
+        heads.load_state_dict(state["aux"])
+    log.info(
+        "weights from %s (step %d); %d new tower tensors at zero",
+        run_dir,
+        state["step"],
+        len(missing),
+    )
+
+
+def _is_tower_block(name: str) -> bool:
+    # residual blocks sit after the 2 x len(tiny_channels) strided conv / GELU modules
+    return ".tower.convs." in name and ".conv." in name
 
 
 @torch.no_grad()
@@ -388,9 +432,17 @@ def train(
         tcfg = dataclasses.replace(saved, steps=max(saved.steps, extend_to or 0))
     elif state_path.exists():
         raise SystemExit(f"{state_path} exists: pass --resume, or choose another --out")
+    if tcfg.init_from and not start:
+        init_dir = Path(tcfg.init_from)
+        if not (init_dir / STATE_FILE).is_file():
+            raise SystemExit(
+                f"--init-from {init_dir}: no {STATE_FILE} there; pass a train-demo --out"
+            )
+        shutil.copyfile(init_dir / "tokenizer.json", tok_path)  # the same token ids
     if not tok_path.is_file():
         train_tokenizer(tok_path)
-    model = build_model(tok_path, tcfg.keep_ratio, tcfg.seed).to(device).train()
+    model = build_model(tok_path, tcfg.keep_ratio, tcfg.seed, tcfg.tower_blocks)
+    model = model.to(device).train()
     aux_head = change_head = None
     if tcfg.aux_weight > 0:
         aux_head = nn.Linear(model.cfg.llm_hidden, AUX_DIM).to(device)
@@ -405,6 +457,8 @@ def train(
         opt.load_state_dict(state["optim"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed at step %d", start)
+    elif tcfg.init_from:
+        warm_start(model, heads, Path(tcfg.init_from))
     tpl = model.cfg.template
     src = make_source(str(tok_path), tcfg, model.cfg.tokens_per_frame)
     interval_id = src.template.interval_id
@@ -489,8 +543,6 @@ def train(
         pool.shutdown(cancel_futures=True)
     native = out / f"native-step{step}"
     if native.exists():
-        import shutil
-
         shutil.rmtree(native)
     return save_native(model.cpu().eval(), tok_path, native)
 
@@ -522,6 +574,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--speak-weight", type=float, default=3.0)
     p.add_argument("--aux-weight", type=float, default=0.5, help="per-frame scene loss (0: off)")
+    p.add_argument(
+        "--tower-blocks",
+        type=int,
+        default=1,
+        help="residual convs at the tower's last scale (0: the first demo model's tower)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN",
+        help="start from another run's weights (its new tower blocks at zero); "
+        "with --full-world, a fine-tuning run",
+    )
+    p.add_argument(
+        "--full-world", action="store_true", help="no curriculum: the full world from step 0"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
@@ -541,7 +609,7 @@ def snapshot(run_dir: Path, native_out: Path, threshold: float | None = None) ->
     threshold calibrated on validation streams (`onsight eval --threshold`)."""
     state = load_state(run_dir / STATE_FILE)
     tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
-    model = build_model(run_dir / "tokenizer.json", tcfg.keep_ratio, tcfg.seed)
+    model = build_model(run_dir / "tokenizer.json", tcfg.keep_ratio, tcfg.seed, tcfg.tower_blocks)
     model.load_state_dict(state["model"])
     if threshold is not None:
         tpl = dataclasses.replace(model.cfg.template, threshold=threshold)
@@ -566,6 +634,9 @@ def main(argv: list[str]) -> int:
         speak_weight=args.speak_weight,
         aux_weight=args.aux_weight,
         keep_ratio=1.0 if args.full_compute else args.keep_ratio,
+        tower_blocks=args.tower_blocks,
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
+        stage_fractions=(0.0, 0.0) if args.full_world else TrainConfig.stage_fractions,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
