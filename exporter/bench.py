@@ -138,7 +138,7 @@ def _export(model, tok: Path, d: Path, r: float, capacity: int, parity: int, rou
 def _copy_bundle(src: Path, dst: Path) -> None:
     """The graphs (with their external data) and the tokenizer, copied (onnx refuses
     hard-linked external data), and a manifest listing just those files."""
-    from onsight.exporter.bundle_writer import write_manifest
+    from onsight.runtime.bundle import write_manifest
 
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)

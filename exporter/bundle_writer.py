@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import shutil
@@ -28,7 +27,11 @@ from onsight.exporter.onnx_export import export_graphs
 from onsight.exporter.parity import run_parity
 from onsight.exporter.reference import layout_for
 from onsight.exporter.vision import FrameEncoder
-from onsight.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, sha256_file
+from onsight.runtime.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    write_manifest,
+)
 from onsight.runtime.errors import ExportError
 from onsight.runtime.kv_policy import EvictionPolicy
 from onsight.runtime.template import build_template_ids
@@ -206,18 +209,6 @@ def _manifest(
         "parity": None,
         "tensorrt": None,
     }
-
-
-def write_manifest(d: Path, manifest: dict[str, Any]) -> None:
-    """bundle.json with fresh checksums of every other file, written atomically."""
-    manifest["files"] = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(d.iterdir())
-        if p.is_file() and p.name != "bundle.json" and not p.name.startswith(".")
-    }
-    tmp = d / ".bundle.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, d / "bundle.json")
 
 
 def export_bundle(

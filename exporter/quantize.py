@@ -14,16 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from onsight.exporter.bundle_writer import write_manifest
 from onsight.exporter.parity import parity_frames
-from onsight.runtime.bundle import load_bundle
+from onsight.runtime import agreement
+from onsight.runtime.bundle import load_bundle, write_manifest
 from onsight.runtime.errors import ExportError
 from onsight.runtime.ort_backend import OrtSessions
-from onsight.runtime.stream_loop import StreamLoop
-from onsight.runtime.template import build_template_ids
 
 log = logging.getLogger(__name__)
 
@@ -61,61 +58,12 @@ def _quantize_graph(src: Path, dst: Path) -> None:
             root.setLevel(level)
 
 
-class _Replay:
-    """Records a stepper's calls so another stepper can be driven with the same inputs."""
-
-    def __init__(self, inner):
-        self.inner, self.calls, self.logits = inner, [], []
-
-    def text(self, ids, kind, group):
-        self.calls.append(("text", (list(ids), kind, group)))
-        out = self.inner.text(ids, kind, group)
-        self.logits.append(out)
-        return out
-
-    def frame(self, ids, embeds, group):
-        self.calls.append(("frame", (list(ids), embeds, group)))
-        out = self.inner.frame(ids, embeds, group)
-        self.logits.append(out)
-        return out
-
-
 def top1_agreement(bundle_dir: Path, frames: int = 16) -> dict[str, Any]:
-    """Teacher-forced: the int8 stepper replays the fp32 stream's exact steps."""
-    from tokenizers import Tokenizer
-
+    """Teacher-forced top-1 agreement of the int8 graphs with fp32 (runtime.agreement)."""
     bundle = load_bundle(bundle_dir, verify=False)
     fp32 = OrtSessions(bundle, "cpu", use_overrides=False)
     int8 = OrtSessions(bundle, "cpu", use_overrides=True)
-    pixels = parity_frames(frames, bundle.image_size, seed=1)
-    emb = fp32.encode(pixels)
-    vision_agree = float(np.mean(np.sign(emb) == np.sign(int8.encode(pixels))))
-    tok = Tokenizer.from_file(str(bundle.tokenizer_path))
-    rec = _Replay(fp32.stepper())
-    loop = StreamLoop(
-        rec,
-        build_template_ids(tok, bundle.template),
-        encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
-        threshold=float(bundle.generation["threshold"]),
-        max_new_tokens=16,
-    )
-    for f in range(frames):
-        if f == frames // 2:
-            loop.ask("what is happening?")
-        loop.on_frame(emb[f])
-    q = int8.stepper()
-    agree, n, err = 0, 0, 0.0
-    for (kind, args), ref in zip(rec.calls, rec.logits, strict=True):
-        out = q.text(*args) if kind == "text" else q.frame(*args)
-        agree += int(np.argmax(out) == np.argmax(ref))
-        n += 1
-        err = max(err, float(np.abs(out - ref).max()))
-    return {
-        "top1_agreement": agree / n,
-        "steps": n,
-        "max_abs_logit_error": err,
-        "vision_sign_agreement": vision_agree,
-    }
+    return agreement.top1_agreement(fp32, int8, parity_frames(frames, bundle.image_size, seed=1))
 
 
 def _graph_bytes(path: Path) -> int:

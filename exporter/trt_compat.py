@@ -9,17 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 # Ops of onnx-tensorrt's support matrix that our graphs may use (TensorRT 10).
 TRT_SUPPORTED_OPS = frozenset(
     """Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape Conv Cos CumSum Div
+    DequantizeLinear QuantizeLinear
     Einsum Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm Greater
     GreaterOrEqual Identity LayerNormalization Less LessOrEqual Log MatMul Max Mean Min Mod Mul Neg
     Not Or Pow Range Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin ReduceSum Relu Reshape
     ScatterElements ScatterND Shape Sigmoid Sin Slice Softmax Split Sqrt Squeeze Sub Tanh Tile TopK
     Transpose Trilu Unsqueeze Where Xor""".split()
 )
+INT8 = onnx.TensorProto.INT8
 # Ops whose output shape depends on data: TensorRT cannot build static-shape engines with them.
 DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress"})
 
@@ -47,6 +51,7 @@ def check_graph(path: str | Path) -> list[Problem]:
     g = model.graph
     name = Path(path).name
     consts = _constants(g)
+    inits = {i.name: i for i in g.initializer}
     inferred = onnx.shape_inference.infer_shapes(model)
     elem_type = {
         vi.name: vi.type.tensor_type.elem_type
@@ -65,6 +70,16 @@ def check_graph(path: str | Path) -> list[Problem]:
                 )
             if elem_type.get(n.input[0]) in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
                 problems.append(Problem(name, n.name, "TopK", "sorting integers is unsupported"))
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            # TensorRT quantizes symmetrically: constant scales, zero points of 0
+            if n.input[1] not in consts:
+                problems.append(Problem(name, n.name, n.op_type, "the scale must be a constant"))
+            zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            if zp is not None and np.any(onnx.numpy_helper.to_array(zp) != 0):
+                problems.append(Problem(name, n.name, n.op_type, "zero points must be 0"))
+            x = inits.get(n.input[0])
+            if n.op_type == "DequantizeLinear" and x is not None and x.data_type != INT8:
+                problems.append(Problem(name, n.name, n.op_type, "only int8 is dequantized"))
         if n.op_type == "Cast":
             to = next((a.i for a in n.attribute if a.name == "to"), None)
             if to in (onnx.TensorProto.DOUBLE, onnx.TensorProto.STRING):

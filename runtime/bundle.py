@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,18 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_manifest(d: Path, manifest: dict[str, Any]) -> None:
+    """bundle.json with fresh checksums of every other file, written atomically."""
+    manifest["files"] = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != "bundle.json" and not p.name.startswith(".")
+    }
+    tmp = d / ".bundle.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, d / "bundle.json")
 
 
 @dataclass(frozen=True)

@@ -71,11 +71,28 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if a.calibrate_only or a.calibration_video:
+        if a.backend != "tensorrt" or a.precision != "int8":
+            raise OnsightError(
+                "--calibrate-only / --calibration-video are for --backend tensorrt "
+                "--precision int8 (CPU int8 needs no calibration: --quantize int8)"
+            )
+    if a.calibrate_only:
+        from onsight.runtime.trt_int8 import build_qdq_graphs
+
+        result = build_qdq_graphs(a.bundle, a.calibration_video, a.calibration_frames, say)
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
     if a.backend == "tensorrt":
         from onsight.runtime.trt_build import build_tensorrt
 
         build_tensorrt(
-            a.bundle, precision=a.precision, progress=lambda m: print(m, file=sys.stderr)
+            a.bundle,
+            precision=a.precision,
+            progress=say,
+            calibration_video=a.calibration_video,
+            calibration_frames=a.calibration_frames,
         )
         return EXIT_OK
     if a.quantize != "int8":
@@ -206,6 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime"])
     b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
     b.add_argument("--quantize", default=None, choices=["int8"])
+    b.add_argument(
+        "--calibration-video",
+        default=None,
+        metavar="PATH",
+        help="TensorRT int8: calibrate on frames of this video (default: the synthetic world); "
+        "footage like the deployment's calibrates best",
+    )
+    b.add_argument(
+        "--calibration-frames", type=int, default=32, help="TensorRT int8: frames to calibrate on"
+    )
+    b.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="TensorRT int8: only write the calibrated Q/DQ graphs (no GPU needed); "
+        "build the plans later on the GPU",
+    )
     b.set_defaults(func=cmd_build)
 
     n = sub.add_parser("narrate", help="narrate a source headless, printing JSON lines")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -71,6 +72,7 @@ class OrtSessions:
         device: str = "auto",
         threads: int | None = None,
         use_overrides: bool | None = None,
+        graph_files: dict[str, Path] | None = None,
     ):
         ort = _ort()
         self.bundle = bundle
@@ -91,6 +93,8 @@ class OrtSessions:
             override = (bundle.manifest.get("graph_overrides") or {}).get(g)
             if self.int8 and override and (bundle.path / override).is_file():
                 path = bundle.path / override
+            if graph_files and g in graph_files:  # e.g. Q/DQ graphs under evaluation
+                path = Path(graph_files[g])
             try:
                 self.sessions[g] = ort.InferenceSession(str(path), opts, providers=self.providers)
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types

@@ -128,7 +128,11 @@ def build_tensorrt(
     precision: str = "fp16",
     progress: Callable[[str], None] | None = None,
     workspace_gb: float = 4.0,
+    calibration_video: str | Path | None = None,
+    calibration_frames: int = 32,
 ) -> dict[str, Any]:
+    """Build plans for every graph; int8 builds from calibrated Q/DQ graphs (trt_int8),
+    calibrating first when the bundle has none."""
     say = progress or (lambda m: log.info("%s", m))
     try:
         import tensorrt as trt
@@ -144,12 +148,15 @@ def build_tensorrt(
             "no NVIDIA GPU found (nvidia-smi saw none): TensorRT plans are built "
             "on the GPU that will run them"
         )
-    if precision == "int8":
-        raise ExportError(
-            "--precision int8 for TensorRT needs calibration data that onsight does not ship "
-            "yet; build with --precision fp16 (or use `--backend onnxruntime --quantize int8` on CPU)"
-        )
     d = Path(bundle_dir)
+    sources = {g: None for g in ("vision", "text_step", "frame_step")}
+    if precision == "int8":
+        from onsight.runtime.trt_int8 import build_qdq_graphs
+
+        qdq = load_bundle(d).manifest.get("qdq")
+        if not qdq or calibration_video is not None:
+            qdq = build_qdq_graphs(d, calibration_video, calibration_frames, say)
+        sources = {g: d / f for g, f in qdq["graphs"].items()}
     bundle = load_bundle(d)
     out_dir = d / PLAN_DIR
     out_dir.mkdir(exist_ok=True)
@@ -159,14 +166,22 @@ def build_tensorrt(
     plans: dict[str, str] = {}
     for i, (graph, shapes) in enumerate(_profiles(bundle).items(), 1):
         say(f"[{i}/3] building {graph} ({precision}) for {gpu.name}")
-        network = builder.create_network(0)
+        # Q/DQ graphs build strongly typed: the graph's own Q/DQ decide what runs in int8
+        # (TensorRT 10's explicit quantization; precision flags are not set for them)
+        flags = 0
+        if precision == "int8" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+            flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(bundle.graph_path(graph))):
+        if not parser.parse_from_file(str(sources[graph] or bundle.graph_path(graph))):
             errors = "; ".join(str(parser.get_error(k)) for k in range(parser.num_errors))
             raise ExportError(f"TensorRT could not parse {graph}.onnx: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
         if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif precision == "int8" and not flags:  # TensorRT < 10 has no strong typing
+            config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
