@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from onsight.runtime.assistant import Assistant, AssistantConfig
 from onsight.runtime.events import NarrationEvent
 from onsight.runtime.synthetic.metrics import score_narrations
@@ -62,6 +64,10 @@ def long_run(engine: str, hours: float, window_min: float = 10.0, seed: int = 42
         "evictions": st.evictions,
         "first_window": score(0, window),
         "last_window": score(end - window, end),
+        # every window in order: drift shows as a trend, not as one pair of windows
+        "f1_by_window": [
+            round(score(lo, lo + window)["f1"], 3) for lo in np.arange(0, end - 1e-9, window)
+        ],
         "rss_mb": memory,
         "rss_growth_after_10min_mb": round(max(mem_after_fill) - min(mem_after_fill), 1),
     }
