@@ -521,3 +521,13 @@ def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
     with pytest.raises(SystemExit, match="no train_state.pt"):
         bad = dataclasses.replace(tuned_cfg, init_from=str(tmp_path / "nowhere"))
         train(tmp_path / "d", bad, "cpu", resume=False, minutes=None)
+
+
+def test_shipped_frame_tokens_tell_shapes_and_colours_apart():
+    """The linear probe that found the first demo tower's blind spot (shapes 58%)."""
+    if not (REPO / "engines" / "demo-checkpoint" / "config.json").is_file():
+        pytest.skip("engines/demo-checkpoint is missing")
+    from onsight.exporter.demo.probe import probe
+
+    result = probe(str(REPO / "engines" / "demo-checkpoint"))
+    assert result["colour_accuracy"] > 0.95 and result["shape_accuracy"] > 0.85  # 0.99 / 0.90
