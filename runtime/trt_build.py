@@ -154,7 +154,11 @@ def build_tensorrt(
         from onsight.runtime.trt_int8 import build_qdq_graphs
 
         qdq = load_bundle(d).manifest.get("qdq")
-        if not qdq or calibration_video is not None:
+        if (
+            not qdq
+            or calibration_video is not None
+            or qdq["calibration"]["frames"] != calibration_frames
+        ):
             qdq = build_qdq_graphs(d, calibration_video, calibration_frames, say)
         sources = {g: d / f for g, f in qdq["graphs"].items()}
     bundle = load_bundle(d)
@@ -175,12 +179,13 @@ def build_tensorrt(
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(sources[graph] or bundle.graph_path(graph))):
             errors = "; ".join(str(parser.get_error(k)) for k in range(parser.num_errors))
-            raise ExportError(f"TensorRT could not parse {graph}.onnx: {errors}")
+            parsed = Path(sources[graph] or bundle.graph_path(graph)).name
+            raise ExportError(f"TensorRT could not parse {parsed}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
-        elif precision == "int8" and not flags:  # TensorRT < 10 has no strong typing
+        elif precision == "int8" and not flags:  # TensorRT 8.x has no strong typing
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")

@@ -9,7 +9,8 @@ from the deployment camera, or else the synthetic world). Everything else stays 
 
 The Q/DQ graphs also run on onnxruntime's CPU provider, so their top-1 agreement with fp32 is
 measured here, on any machine, before a GPU ever builds them: a calibration that breaks the
-model is refused before a plan exists. This module needs onnxruntime, not TensorRT or torch.
+model is refused before a plan exists. This module needs onnxruntime and onnx (its quantizer
+reads graphs with it), not TensorRT or torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from onsight.runtime.agreement import narrate_recorded, top1_agreement
 from onsight.runtime.bundle import GRAPHS, Bundle, load_bundle, write_manifest
@@ -114,8 +114,20 @@ class _Reader:
         return next(self._it, None)
 
 
+def _need_onnx():
+    try:
+        import onnx
+    except ImportError as e:
+        raise ExportError(
+            "int8 calibration for TensorRT needs the onnx package (onnxruntime's quantizer "
+            "uses it): pip install onnx"
+        ) from e
+    return onnx
+
+
 def qdq_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
     """A TensorRT-ready Q/DQ copy of one graph, calibrated on `feeds`."""
+    onnx = _need_onnx()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src))
@@ -149,6 +161,9 @@ def qdq_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
                     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                     "CalibTensorRangeSymmetric": True,
                     "QuantizeBias": False,  # TensorRT dequantizes int8 only, not int32 biases
+                    # only the inputs of the quantized ops: their outputs (residual sums,
+                    # gates, the logits) stay float
+                    "OpTypesToExcludeOutputQuantization": list(QDQ_OPS),
                 },
             )
         finally:
@@ -177,6 +192,8 @@ def build_qdq_graphs(
         raise ExportError(
             f"{d}: int8 calibration starts from an fp32 bundle; re-export with --dtype fp32"
         )
+    if frames < 2:
+        raise ExportError(f"--calibration-frames must be at least 2, got {frames}")
     source = str(video) if video else "synthetic world (seed 7)"
     say(f"[1/3] recording calibration inputs: {frames} frames from {source}")
     pixels = calibration_frames(bundle, video, frames)
@@ -203,6 +220,7 @@ def build_qdq_graphs(
             )
         for g in GRAPHS:
             for f in (qdq_name(g), qdq_name(g) + ".data"):
+                (d / f).unlink(missing_ok=True)  # no stale weights from an earlier calibration
                 if (tmp / f).is_file():
                     shutil.move(str(tmp / f), str(d / f))
     finally:
@@ -211,11 +229,14 @@ def build_qdq_graphs(
         graphs={g: qdq_name(g) for g in GRAPHS},
         ops=list(QDQ_OPS),
         scheme="int8 symmetric, per-channel weights, MinMax activation ranges",
-        calibration={"source": source, "frames": frames},
+        calibration={"source": source, "frames": len(pixels)},
         agreement_on="the calibration frames replayed in reverse order",
     )
     manifest = dict(bundle.manifest)
     manifest["qdq"] = result
+    if (manifest.get("tensorrt") or {}).get("precision") == "int8":
+        # plans built from the previous Q/DQ graphs: rebuild them from these
+        del manifest["tensorrt"]
     write_manifest(d, manifest)
     say(
         f"      Q/DQ graphs written; top-1 agreement {result['top1_agreement']:.3f} over "

@@ -44,6 +44,14 @@ def test_qdq_graphs_are_symmetric_tensorrt_ready_and_agree_with_fp32(bundle_copy
         model = onnx.load(str(path))
         ops = [n.op_type for n in model.graph.node]
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+        # Q/DQ only where a quantized op reads (other readers of that same tensor share it);
+        # the quantized ops' outputs (residual sums, gates, the logits) stay float
+        for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
+            readers = {n.op_type for n in model.graph.node if dq.output[0] in n.input}
+            assert readers & {"MatMul", "Gemm", "Conv"}, (g, dq.name, readers)
+        assert not {o.name for o in model.graph.output} & {
+            o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output
+        }
         inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
         for n in model.graph.node:
             if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None:

@@ -265,7 +265,9 @@ class TrainConfig:
     stage_fractions: tuple[float, float] = (0.1, 0.3)  # curriculum 0 -> 1 -> 2 boundaries
     keep_ratio: float = 0.2  # MoD keep ratio (1.0: the full-compute twin)
     aux_weight: float = 0.5  # weight of the per-frame scene loss (0: VideoLLM-online's alone)
-    tower_blocks: int = 0  # residual convs at the tower's last scale (see VisionConfig)
+    # residual convs at the tower's last scale (see VisionConfig); 0 here so that runs saved
+    # before the field existed resume as they were, while the CLI's default is 1
+    tower_blocks: int = 0
     init_from: str = ""  # a run directory whose weights start this run (new tower blocks at 0)
 
 
