@@ -166,3 +166,18 @@ def test_int8_plans_are_built_strongly_typed_from_the_qdq_graphs(bundle_copy, mo
     assert all(not s[2] for s in seen)
     assert meta["precision"] == "int8" and (bundle_copy / "trt" / "frame_step.int8.plan").is_file()
     assert load_bundle(bundle_copy).manifest["tensorrt"]["gpu"] == "Orin"
+
+
+def test_eval_scores_the_qdq_graphs_of_the_demo_bundle(tmp_path):
+    from onsight.exporter.demo.evaluate import evaluate
+
+    demo = Path(__file__).resolve().parents[1] / "engines" / "demo"
+    if not (demo / "bundle.json").is_file():
+        pytest.skip("engines/demo is missing")
+    b = tmp_path / "demo"
+    shutil.copytree(demo, b)
+    with pytest.raises(SystemExit, match="--calibrate-only"):
+        evaluate(b, streams=1, frames=10, qdq=True)
+    build_qdq_graphs(b, frames=8)
+    report = evaluate(b, streams=2, frames=30, qdq=True)
+    assert report["narration"]["kind"]["f1"] > 0.5  # the int8 graphs still narrate

@@ -108,7 +108,11 @@ class BundleNarrator:
     """A bundle under the runtime's own engine: frames in, narrations and answers out."""
 
     def __init__(
-        self, engine: str | Path, threads: int | None = None, threshold: float | None = None
+        self,
+        engine: str | Path,
+        threads: int | None = None,
+        threshold: float | None = None,
+        qdq: bool = False,
     ):
         from tokenizers import Tokenizer
 
@@ -117,7 +121,22 @@ class BundleNarrator:
         from onsight.runtime.template import build_template_ids
 
         self.bundle = load_bundle(engine)
-        self.sessions = OrtSessions(self.bundle, device="cpu", threads=threads)
+        files = None
+        if qdq:  # the calibrated Q/DQ graphs for TensorRT int8, run by onnxruntime's CPU
+            qdq_meta = self.bundle.manifest.get("qdq")
+            if not qdq_meta:
+                raise SystemExit(
+                    f"{engine} has no Q/DQ graphs: run `onsight build {engine} --precision int8 "
+                    "--calibrate-only` first"
+                )
+            files = {g: self.bundle.path / f for g, f in qdq_meta["graphs"].items()}
+        self.sessions = OrtSessions(
+            self.bundle,
+            device="cpu",
+            threads=threads,
+            use_overrides=None if not qdq else False,
+            graph_files=files,
+        )
         self.tok = Tokenizer.from_file(str(self.bundle.tokenizer_path))
         self.ids = build_template_ids(self.tok, self.bundle.template)
         self.fps = float(self.bundle.generation["fps"])
@@ -363,9 +382,10 @@ def evaluate(
     checkpoint: str | Path | None = None,
     threads: int | None = None,
     threshold: float | None = None,
+    qdq: bool = False,
 ) -> dict[str, object]:
     """Narrate held-out streams through the bundle and score them."""
-    narrator = BundleNarrator(engine, threads, threshold)
+    narrator = BundleNarrator(engine, threads, threshold, qdq)
     data = held_out_streams(streams, seed_start, frames, stage)
     scores, results = score_narrator(narrator, data, window_s)
     report: dict[str, object] = {
@@ -460,6 +480,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument(
+        "--qdq",
+        action="store_true",
+        help="score the bundle's calibrated Q/DQ graphs (TensorRT int8, from `onsight build "
+        "--precision int8`) on onnxruntime's CPU; int8 CPU graphs (--quantize int8) are used "
+        "automatically when the bundle has them",
+    )
+    p.add_argument(
         "--ablations",
         action="store_true",
         help="the ablation table instead: learned / random / uniform routing, early exit and "
@@ -521,6 +548,7 @@ def main(argv: list[str]) -> int:
         args.checkpoint,
         args.threads,
         args.threshold,
+        args.qdq,
     )
     print(markdown(report))
     if args.out:
