@@ -43,6 +43,7 @@ def summary(path: str | Path, budget_mb: float = 1024.0) -> dict:
         "parity": m.get("parity"),
         "tensorrt": m.get("tensorrt"),
         "int8": m.get("int8"),
+        "qdq": m.get("qdq"),
         "files": {k: v["bytes"] for k, v in m["files"].items()},
     }
 
@@ -85,6 +86,14 @@ def describe(path: str | Path, as_json: bool = False, budget_mb: float = 1024.0)
         q = s["int8"]
         lines.append(
             f"  int8      top-1 agreement with fp32 {q.get('top1_agreement', 0):.3f} on {q.get('steps')} steps"
+        )
+    if s["qdq"]:
+        q = s["qdq"]
+        cal = q.get("calibration", {})
+        lines.append(
+            f"  qdq       TensorRT int8 graphs calibrated on {cal.get('frames')} frames of "
+            f"{cal.get('source')}; top-1 agreement with fp32 {q.get('top1_agreement', 0):.3f} "
+            f"on {q.get('steps')} steps"
         )
     lines.append("  files     " + ", ".join(f"{k} ({_mb(v)})" for k, v in s["files"].items()))
     return "\n".join(lines)

@@ -59,6 +59,9 @@ def test_qdq_graphs_are_symmetric_tensorrt_ready_and_agree_with_fp32(bundle_copy
                 assert w.dtype == np.int8 and w.min() >= -127
     summary = json.loads(capsys.readouterr().out)
     assert summary["graphs"]["frame_step"] == "frame_step.qdq.onnx"
+    from onsight.runtime.info import describe
+
+    assert "TensorRT int8 graphs calibrated on 32 frames" in describe(bundle_copy)
 
 
 def test_a_calibration_that_breaks_the_model_writes_nothing(bundle_copy):
