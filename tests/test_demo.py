@@ -531,3 +531,20 @@ def test_shipped_frame_tokens_tell_shapes_and_colours_apart():
 
     result = probe(str(REPO / "engines" / "demo-checkpoint"))
     assert result["colour_accuracy"] > 0.95 and result["shape_accuracy"] > 0.85  # 0.99 / 0.90
+
+
+def test_router_loss_ranks_the_cells_where_something_happens():
+    from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM
+    from onsight.exporter.demo.train import router_loss
+
+    change = torch.zeros(1, 2, 10, CHANGE_DIM)
+    change[0, 0, 4, -1] = 1.0  # frame 0: an object moves in cell 4 (token 4)
+    batch = {"change": change, "aux": torch.zeros(1, 2, 10, AUX_DIM)}
+    right = torch.zeros(1, 2, 10)
+    right[0, 0, 4] = 5.0
+    wrong = torch.zeros(1, 2, 10)
+    wrong[0, 0, 7] = 5.0
+    assert router_loss([right], batch) < 0.1 < router_loss([wrong], batch)
+    # shift-invariant: it ranks tokens, it does not move the gate's level
+    assert torch.isclose(router_loss([right + 3.0], batch), router_loss([right], batch))
+    assert router_loss([wrong], {"change": torch.zeros_like(change), "aux": batch["aux"]}) == 0

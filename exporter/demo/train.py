@@ -31,6 +31,7 @@ from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, Vi
 from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, IGNORE, Batch, BatchSource
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
 from onsight.exporter.model import StreamingModel, save_native
+from onsight.runtime.synthetic.grammar import COLOURS
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def batched_hidden(
     frames: torch.Tensor,
     frame_pos: torch.Tensor,
     frame_tokens: list[torch.Tensor] | None = None,
+    router_scores: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Final hidden states (B, L, hidden) of padded streams, routed as the streaming step.
 
@@ -152,6 +154,8 @@ def batched_hidden(
         # Per-frame top-k of the LayerExpert's score: never across frames.
         xv = x.gather(1, vis_idx[..., None].expand(-1, -1, hidden))
         score = dec.experts[str(i)](xv).view(B, nf, N)
+        if router_scores is not None:  # the caller's router loss reads them
+            router_scores.append(score)
         top = score.topk(k, dim=-1)
         kept = frame_pos.gather(2, top.indices).reshape(B, nf * k)
         active = (~is_vis).scatter(1, kept, True)
@@ -204,12 +208,14 @@ def compute_loss(
     aux_head: nn.Module | None = None,
     aux_weight: float = 0.5,
     change_head: nn.Module | None = None,
+    router_weight: float = 0.0,
 ) -> LossParts:
     """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
     auxiliary head, a per-frame scene loss on the frame tokens."""
     dec = model.decoder
     tokens: list[torch.Tensor] = []
-    x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"], tokens)
+    scores: list[torch.Tensor] | None = [] if router_weight > 0 else None
+    x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"], tokens, scores)
     aux = torch.zeros(())
     if aux_head is not None:
         # Read through an RMS norm, so the probe cannot win by inflating the tokens...
@@ -223,6 +229,8 @@ def compute_loss(
         xv = x.gather(1, fp[..., None].expand(-1, -1, x.shape[-1]))
         pred = change_head(dec.final_norm(xv)).float().view(batch["change"].shape)
         aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
+    if scores:
+        aux = aux + router_weight * router_loss(scores, batch)
     # LM loss at labelled positions only: the head runs on a few hundred rows, not all.
     lm_mask = batch["labels"] != IGNORE
     lm_logits = dec.lm_head(dec.final_norm(x[lm_mask]))
@@ -243,6 +251,26 @@ def compute_loss(
         silent_acc = float((~said[~speak]).float().mean()) if (~speak).any() else 1.0
     total = lm + stream + aux_weight * aux
     return LossParts(total, lm.item(), aux.item(), stream.item(), speak_recall, silent_acc)
+
+
+def router_loss(scores: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Teach the LayerExperts where the action is: a listwise cross-entropy over each frame's
+    tokens toward the cells with a moving object, or with an object at an event frame.
+
+    Listwise (softmax over the frame's tokens), so it ranks tokens without moving the scores'
+    level, which also gates the kept tokens' updates (sigmoid of the score).
+    """
+    change = batch["change"]  # (B, F, N, CHANGE_DIM): event kinds..., moving
+    present = batch["aux"][..., : len(COLOURS)].amax(-1)  # (B, F, N) an object in the cell
+    event = change[..., :-1].amax(-1)  # (B, F, N) an event at this frame
+    target = torch.maximum(change[..., -1], present * event)
+    mass = target.sum(-1, keepdim=True)
+    has = mass.squeeze(-1) > 0  # frames where something happens
+    if not bool(has.any()):
+        return torch.zeros(())
+    dist = target / mass.clamp(min=1)
+    losses = [-(dist * F.log_softmax(s.float(), -1)).sum(-1)[has].mean() for s in scores]
+    return torch.stack(losses).mean()
 
 
 # ---- schedule ----
@@ -269,6 +297,7 @@ class TrainConfig:
     # before the field existed resume as they were, while the CLI's default is 1
     tower_blocks: int = 0
     init_from: str = ""  # a run directory whose weights start this run (new tower blocks at 0)
+    router_weight: float = 0.0  # weight of the routers' where-the-action-is loss (router_loss)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -493,6 +522,7 @@ def train(
                 aux_head,
                 tcfg.aux_weight,
                 change_head,
+                tcfg.router_weight,
             )
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -592,6 +622,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--full-world", action="store_true", help="no curriculum: the full world from step 0"
     )
+    p.add_argument(
+        "--router-weight",
+        type=float,
+        default=0.0,
+        help="weight of a loss teaching the MoD routers which tokens show the action (0: off)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
@@ -639,6 +675,7 @@ def main(argv: list[str]) -> int:
         tower_blocks=args.tower_blocks,
         init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
         stage_fractions=(0.0, 0.0) if args.full_world else TrainConfig.stage_fractions,
+        router_weight=args.router_weight,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
