@@ -14,13 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from onsight.exporter.parity import parity_frames
 from onsight.runtime import agreement
 from onsight.runtime.bundle import load_bundle, write_manifest
 from onsight.runtime.errors import ExportError
 from onsight.runtime.ort_backend import OrtSessions
+from onsight.runtime.quant_prep import quantizer_input
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +27,15 @@ log = logging.getLogger(__name__)
 def _quantize_graph(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(src))
-    # Stale value_info from the exporter can contradict shapes after quantization rewrites
-    # MatMuls (a known failure on dynamo-exported graphs): drop it and let ORT re-infer.
-    del model.graph.value_info[:]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer warns on the root logger about pre-processing
-    # protobuf cannot serialise past 2 GB: big graphs (and their int8 versions, which keep
-    # fp32 embeddings) are written with their weights in one external `.data` file
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > 1.8e9
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        clean = Path(tmp) / src.name
-        if big:
-            onnx.save(model, str(clean), save_as_external_data=True, location=clean.name + ".data")
-        else:
-            onnx.save(model, str(clean))
-        del model
-        try:
-            quantize_dynamic(
-                str(clean),
-                str(dst),
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=["MatMul", "Gemm"],
-                use_external_data_format=big,
-            )
-        finally:
-            root.setLevel(level)
+    with quantizer_input(src, dst.parent) as (clean, big):
+        quantize_dynamic(
+            str(clean),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            use_external_data_format=big,  # int8 graphs keep fp32 embeddings: still big
+        )
 
 
 def top1_agreement(bundle_dir: Path, frames: int = 16) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from onsight.runtime.bundle import GRAPHS, Bundle, load_bundle, write_manifest
 from onsight.runtime.errors import ExportError
 from onsight.runtime.ort_backend import OrtSessions
 from onsight.runtime.preprocess import preprocess_batch
+from onsight.runtime.quant_prep import quantizer_input
 
 log = logging.getLogger(__name__)
 
@@ -114,60 +115,33 @@ class _Reader:
         return next(self._it, None)
 
 
-def _need_onnx():
-    try:
-        import onnx
-    except ImportError as e:
-        raise ExportError(
-            "int8 calibration for TensorRT needs the onnx package (onnxruntime's quantizer "
-            "uses it): pip install onnx"
-        ) from e
-    return onnx
-
-
 def qdq_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
     """A TensorRT-ready Q/DQ copy of one graph, calibrated on `feeds`."""
-    onnx = _need_onnx()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    model = onnx.load(str(src))
-    del model.graph.value_info[:]  # stale shapes from the exporter confuse the quantizer
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > 1.8e9
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer warns on the root logger about pre-processing
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        clean = Path(tmp) / src.name
-        if big:
-            onnx.save(model, str(clean), save_as_external_data=True, location=clean.name + ".data")
-        else:
-            onnx.save(model, str(clean))
-        del model
-        try:
-            quantize_static(
-                str(clean),
-                str(dst),
-                _Reader(feeds),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QDQ_OPS),
-                per_channel=True,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                use_external_data_format=big,
-                extra_options={
-                    "ActivationSymmetric": True,  # TensorRT: zero point 0
-                    "WeightSymmetric": True,
-                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                    "CalibTensorRangeSymmetric": True,
-                    "QuantizeBias": False,  # TensorRT dequantizes int8 only, not int32 biases
-                    # only the inputs of the quantized ops: their outputs (residual sums,
-                    # gates, the logits) stay float
-                    "OpTypesToExcludeOutputQuantization": list(QDQ_OPS),
-                },
-            )
-        finally:
-            root.setLevel(level)
+    with quantizer_input(src, dst.parent) as (clean, big):
+        quantize_static(
+            str(clean),
+            str(dst),
+            _Reader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QDQ_OPS),
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=big,
+            extra_options={
+                "ActivationSymmetric": True,  # TensorRT: zero point 0
+                "WeightSymmetric": True,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                "CalibTensorRangeSymmetric": True,
+                "QuantizeBias": False,  # TensorRT dequantizes int8 only, not int32 biases
+                # only the inputs of the quantized ops: their outputs (residual sums,
+                # gates, the logits) stay float
+                "OpTypesToExcludeOutputQuantization": list(QDQ_OPS),
+            },
+        )
 
 
 def qdq_name(graph: str) -> str:
