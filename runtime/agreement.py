@@ -35,13 +35,12 @@ class Replay:
         return out
 
 
-def narrate_recorded(sessions: OrtSessions, pixels: np.ndarray, max_new_tokens: int = 16):
-    """Narrate `pixels` (uint8 (T, S, S, 3)) through `sessions`, asking a question halfway;
-    returns the frame embeddings and the recorded stepper calls."""
+def narrate_recorded(sessions: OrtSessions, emb: np.ndarray, max_new_tokens: int = 16) -> Replay:
+    """Narrate frame embeddings `emb` (T, N, hidden) through `sessions`' decoder, asking a
+    question halfway; returns the recorded stepper calls."""
     from tokenizers import Tokenizer
 
     bundle = sessions.bundle
-    emb = sessions.encode(pixels)
     tok = Tokenizer.from_file(str(bundle.tokenizer_path))
     rec = Replay(sessions.stepper())
     loop = StreamLoop(
@@ -51,16 +50,17 @@ def narrate_recorded(sessions: OrtSessions, pixels: np.ndarray, max_new_tokens: 
         threshold=float(bundle.generation["threshold"]),
         max_new_tokens=max_new_tokens,
     )
-    for f in range(len(pixels)):
-        if f == len(pixels) // 2:
+    for f in range(len(emb)):
+        if f == len(emb) // 2:
             loop.ask("what is happening?")
         loop.on_frame(emb[f])
-    return emb, rec
+    return rec
 
 
 def top1_agreement(reference: OrtSessions, candidate: OrtSessions, pixels: np.ndarray):
     """Teacher-forced: the candidate replays the reference stream's exact steps."""
-    emb, rec = narrate_recorded(reference, pixels)
+    emb = reference.encode(pixels)
+    rec = narrate_recorded(reference, emb)
     vision_agree = float(np.mean(np.sign(emb) == np.sign(candidate.encode(pixels))))
     q = candidate.stepper()
     agree, n, err = 0, 0, 0.0

@@ -96,12 +96,11 @@ def record_inputs(sessions: OrtSessions, pixels: np.ndarray) -> dict[str, list[d
     try:
         for g in GRAPHS:
             sessions.sessions[g] = _Recorder(originals[g], recorded[g])
-        for f in range(len(pixels)):  # the runtime encodes frame by frame
-            sessions.encode(pixels[f : f + 1])
-        narrate_recorded(sessions, pixels)
+        # the runtime encodes frame by frame: calibrate the vision graph the same way
+        emb = np.concatenate([sessions.encode(pixels[f : f + 1]) for f in range(len(pixels))])
+        narrate_recorded(sessions, emb)
     finally:
         sessions.sessions.update(originals)
-    recorded["vision"] = recorded["vision"][: len(pixels)]
     return recorded
 
 

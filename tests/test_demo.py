@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from onsight.exporter.demo.data import IGNORE, build_example, collate
+from onsight.exporter.demo.objective import batched_logits, compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
-from onsight.exporter.demo.train import (
-    TrainConfig,
-    batched_logits,
-    build_model,
-    compute_loss,
-    make_source,
-    to_tensors,
-)
+from onsight.exporter.demo.train import TrainConfig, build_model, make_source, to_tensors
 from onsight.exporter.reference import Segment, recompute_logits
 from onsight.runtime.kv_policy import SINK
 from onsight.runtime.stream_loop import StreamLoop
@@ -331,7 +325,7 @@ def _old_narration_perplexity(checkpoint, streams) -> float:
 
     from tokenizers import Tokenizer
 
-    from onsight.exporter.demo.train import batched_hidden
+    from onsight.exporter.demo.objective import batched_hidden
     from onsight.exporter.model import load_native
     from onsight.runtime.synthetic import Stream
 
@@ -535,7 +529,7 @@ def test_shipped_frame_tokens_tell_shapes_and_colours_apart():
 
 def test_router_loss_ranks_the_cells_where_something_happens():
     from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM
-    from onsight.exporter.demo.train import router_loss
+    from onsight.exporter.demo.objective import router_loss
 
     change = torch.zeros(1, 2, 10, CHANGE_DIM)
     change[0, 0, 4, -1] = 1.0  # frame 0: an object moves in cell 4 (token 4)

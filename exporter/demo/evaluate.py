@@ -134,7 +134,7 @@ class BundleNarrator:
             self.bundle,
             device="cpu",
             threads=threads,
-            use_overrides=None if not qdq else False,
+            use_overrides=False if qdq else None,
             graph_files=files,
         )
         self.tok = Tokenizer.from_file(str(self.bundle.tokenizer_path))
@@ -293,7 +293,7 @@ def teacher_forced_metrics(
     from tokenizers import Tokenizer
 
     from onsight.exporter.demo.data import IGNORE, build_example
-    from onsight.exporter.demo.train import batched_hidden
+    from onsight.exporter.demo.objective import batched_hidden
     from onsight.exporter.model import load_native
     from onsight.runtime.template import build_template_ids
 

@@ -1,0 +1,218 @@
+"""The training forward and the loss of the demo model.
+
+The forward is batched (B streams at once) but computes exactly what the streaming step
+computes: in a routed layer each frame keeps its top-k vision tokens by the LayerExpert's
+score, kept tokens become x + sigmoid(score) * (block(x) - x), skipped ones pass unchanged,
+text is always processed, and attention is causal over the tokens that layer processes. The
+top-k is not differentiable; the sigmoid weight gives the routers their gradient (MoD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onsight.exporter.demo.data import IGNORE
+from onsight.exporter.model import StreamingModel
+from onsight.runtime.synthetic.grammar import COLOURS
+
+VISION_RMS = 0.1  # frame tokens' per-dimension RMS cap (text embeddings start near 0.02)
+
+
+def _rope_tables(dec: nn.Module, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, 1, T, D) of ModDecoder.rope for positions pos (B, T), computed once."""
+    freqs = pos.float()[..., None] * dec.inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos() * dec.attention_scaling, emb.sin() * dec.attention_scaling
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Batched form of ModDecoder.rope: x (B, heads, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _block(
+    dec: nn.Module,
+    i: int,
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    key_ok: torch.Tensor | None,
+) -> torch.Tensor:
+    """ModDecoder.block for a batch: x (B, T, hidden) at positions pos (B, T).
+
+    key_ok (B, T) marks the tokens this layer processes; a query never attends to others.
+    """
+    layer = dec.layers[i]
+    attn = layer.self_attn
+    B, T, _ = x.shape
+    H, Hkv, D = dec.num_heads, dec.num_kv_heads, dec.head_dim
+    h = layer.input_layernorm(x)
+    q = _rope(attn.q_proj(h).view(B, T, H, D).transpose(1, 2), *rope)  # (B, H, T, D)
+    k = _rope(attn.k_proj(h).view(B, T, Hkv, D).transpose(1, 2), *rope)  # (B, Hkv, T, D)
+    v = attn.v_proj(h).view(B, T, Hkv, D).transpose(1, 2)
+    k = k.repeat_interleave(H // Hkv, dim=1)  # query head j reads kv head j // rep
+    v = v.repeat_interleave(H // Hkv, dim=1)
+    allowed = pos[:, :, None] >= pos[:, None, :]  # (B, T, T) causal by position
+    if key_ok is not None:
+        allowed = allowed & key_ok[:, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=attn.scaling)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def batched_hidden(
+    model: StreamingModel,
+    ids: torch.Tensor,
+    frames: torch.Tensor,
+    frame_pos: torch.Tensor,
+    frame_tokens: list[torch.Tensor] | None = None,
+    router_scores: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Final hidden states (B, L, hidden) of padded streams, routed as the streaming step.
+
+    ids (B, L) with the <v> id at vision slots; frames (B, F, S, S, 3) uint8; frame_pos
+    (B, F, N) the sequence positions of each frame's vision tokens.
+    """
+    dec = model.decoder
+    B, L = ids.shape
+    _, nf, N = frame_pos.shape
+    hidden = dec.embed.weight.shape[1]
+    emb = model.encoder(frames.flatten(0, 1)).view(B, nf * N, hidden)  # (B, F*N, hidden)
+    if frame_tokens is not None:  # the caller's auxiliary loss reads the frame tokens
+        frame_tokens.append(emb.view(B, nf, N, hidden))
+    vis_idx = frame_pos.reshape(B, nf * N)
+    x = dec.embed(ids.clamp(max=dec.embed.num_embeddings - 1))
+    x = x.scatter(1, vis_idx[..., None].expand(-1, -1, hidden), emb.to(x.dtype))
+    pos = torch.arange(L, device=ids.device).expand(B, L)
+    is_vis = torch.zeros(B, L, dtype=torch.bool, device=ids.device).scatter(1, vis_idx, True)
+    k = dec.k
+    cos, sin = _rope_tables(dec, pos)
+    for i in range(len(dec.layers)):
+        if i not in dec.routed or k >= N:
+            x = _block(dec, i, x, pos, (cos, sin), None)
+            continue
+        # Per-frame top-k of the LayerExpert's score: never across frames.
+        xv = x.gather(1, vis_idx[..., None].expand(-1, -1, hidden))
+        score = dec.experts[str(i)](xv).view(B, nf, N)
+        if router_scores is not None:  # the caller's router loss reads them
+            router_scores.append(score)
+        top = score.topk(k, dim=-1)
+        kept = frame_pos.gather(2, top.indices).reshape(B, nf * k)
+        active = (~is_vis).scatter(1, kept, True)
+        weight = torch.ones(B, L, dtype=x.dtype, device=x.device)
+        weight = weight.scatter(1, kept, torch.sigmoid(top.values).reshape(B, nf * k).to(x.dtype))
+        # Gather the active tokens to the front (in position order) so skipped ones cost
+        # nothing; the tail of the slice holds skipped tokens, masked and left unchanged.
+        m = int(active.sum(1).max())
+        order = torch.argsort(torch.where(active, pos, pos + L), dim=1)[:, :m]  # (B, m)
+        ok = active.gather(1, order)
+        xs = x.gather(1, order[..., None].expand(-1, -1, hidden))
+        rope = (cos.gather(2, _rows(order, cos)), sin.gather(2, _rows(order, sin)))
+        out = _block(dec, i, xs, order, rope, ok)
+        w = weight.gather(1, order)[..., None]
+        new = torch.where(ok[..., None], xs + w * (out - xs), xs)
+        x = x.scatter(1, order[..., None].expand(-1, -1, hidden), new)
+    return x
+
+
+def _rows(order: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index (B, 1, m, D) that gathers rows `order` (B, m) of a (B, 1, T, D) table."""
+    return order[:, None, :, None].expand(-1, 1, -1, table.shape[-1])
+
+
+def batched_logits(model: StreamingModel, ids, frames, frame_pos) -> torch.Tensor:
+    """Logits (B, L, vocab) at every position (for tests; training takes only what it needs)."""
+    dec = model.decoder
+    return dec.lm_head(dec.final_norm(batched_hidden(model, ids, frames, frame_pos)))
+
+
+# ---- the objective ----
+
+
+@dataclass(frozen=True)
+class LossParts:
+    total: torch.Tensor
+    lm: float  # mean CE of narration / answer tokens and their EOS
+    aux: float  # BCE of the per-token scene targets (0 without an auxiliary head)
+    stream: float  # weighted CE of the speak-or-stay-silent decision
+    speak_recall: float  # speak frames where p(",") fell below the threshold
+    silent_acc: float  # silent frames where p(",") stayed above it
+
+
+def compute_loss(
+    model: StreamingModel,
+    batch: dict[str, torch.Tensor],
+    interval_id: int,
+    speak_weight: float,
+    threshold: float,
+    aux_head: nn.Module | None = None,
+    aux_weight: float = 0.5,
+    change_head: nn.Module | None = None,
+    router_weight: float = 0.0,
+) -> LossParts:
+    """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
+    auxiliary head, a per-frame scene loss on the frame tokens."""
+    dec = model.decoder
+    tokens: list[torch.Tensor] = []
+    scores: list[torch.Tensor] | None = [] if router_weight > 0 else None
+    x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"], tokens, scores)
+    aux = torch.zeros(())
+    if aux_head is not None:
+        # Read through an RMS norm, so the probe cannot win by inflating the tokens...
+        emb = tokens[0]
+        rms = emb.float().pow(2).mean(-1, keepdim=True).sqrt()
+        aux = F.binary_cross_entropy_with_logits(aux_head(emb / (rms + 1e-6)), batch["aux"])
+        # ...and keep frame tokens near text-embedding scale (per-dim RMS <= VISION_RMS).
+        aux = aux + F.relu(rms - VISION_RMS).pow(2).mean()
+    if change_head is not None:
+        fp = batch["frame_pos"].flatten(1)  # (B, F*N)
+        xv = x.gather(1, fp[..., None].expand(-1, -1, x.shape[-1]))
+        pred = change_head(dec.final_norm(xv)).float().view(batch["change"].shape)
+        aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
+    if scores:
+        aux = aux + router_weight * router_loss(scores, batch)
+    # LM loss at labelled positions only: the head runs on a few hundred rows, not all.
+    lm_mask = batch["labels"] != IGNORE
+    lm_logits = dec.lm_head(dec.final_norm(x[lm_mask]))
+    lm = F.cross_entropy(lm_logits.float(), batch["labels"][lm_mask])
+    # Stream loss at the last <v> of every frame.
+    last = batch["frame_pos"][..., -1]  # (B, F)
+    xs = x.gather(1, last[..., None].expand(-1, -1, x.shape[-1]))
+    s_logits = dec.lm_head(dec.final_norm(xs)).float().flatten(0, 1)  # (B*F, vocab)
+    target = batch["stream_label"].flatten()
+    speak = target != interval_id
+    w = torch.where(speak, speak_weight, 1.0)
+    ce = F.cross_entropy(s_logits, target, reduction="none")
+    stream = (w * ce).sum() / w.sum()
+    with torch.no_grad():
+        p_int = torch.softmax(s_logits, -1)[:, interval_id]
+        said = p_int < threshold
+        speak_recall = float(said[speak].float().mean()) if speak.any() else 1.0
+        silent_acc = float((~said[~speak]).float().mean()) if (~speak).any() else 1.0
+    total = lm + stream + aux_weight * aux
+    return LossParts(total, lm.item(), aux.item(), stream.item(), speak_recall, silent_acc)
+
+
+def router_loss(scores: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Teach the LayerExperts where the action is: a listwise cross-entropy over each frame's
+    tokens toward the cells with a moving object, or with an object at an event frame.
+
+    Listwise (softmax over the frame's tokens), so it ranks tokens without moving the scores'
+    level, which also gates the kept tokens' updates (sigmoid of the score).
+    """
+    change = batch["change"]  # (B, F, N, CHANGE_DIM): event kinds..., moving
+    present = batch["aux"][..., : len(COLOURS)].amax(-1)  # (B, F, N) an object in the cell
+    event = change[..., :-1].amax(-1)  # (B, F, N) an event at this frame
+    target = torch.maximum(change[..., -1], present * event)
+    mass = target.sum(-1, keepdim=True)
+    has = mass.squeeze(-1) > 0  # frames where something happens
+    if not bool(has.any()):
+        return torch.zeros(())
+    dist = target / mass.clamp(min=1)
+    losses = [-(dist * F.log_softmax(s.float(), -1)).sum(-1)[has].mean() for s in scores]
+    return torch.stack(losses).mean()
