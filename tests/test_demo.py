@@ -542,3 +542,37 @@ def test_router_loss_ranks_the_cells_where_something_happens():
     # shift-invariant: it ranks tokens, it does not move the gate's level
     assert torch.isclose(router_loss([right + 3.0], batch), router_loss([right], batch))
     assert router_loss([wrong], {"change": torch.zeros_like(change), "aux": batch["aux"]}) == 0
+
+
+def test_distillation_pulls_toward_the_teacher_and_needs_its_tokenizer(tmp_path):
+    """--distill-from: the KL toward a teacher is 0 for a copy of the student, positive for
+    another model, and enters the logged loss; a teacher with other token ids is refused."""
+    import json as _json
+
+    from onsight.exporter.demo.objective import compute_loss
+    from onsight.exporter.demo.train import load_run_model, make_source, to_tensors, train
+
+    torch.set_num_threads(1)
+    base = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
+    train(tmp_path / "twin", dataclasses.replace(base, keep_ratio=1.0), "cpu", False, None)
+    train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
+    student, twin = load_run_model(tmp_path / "a"), load_run_model(tmp_path / "twin")
+    src = make_source(str(tmp_path / "a" / "tokenizer.json"), base, student.cfg.tokens_per_frame)
+    batch = to_tensors(src.batch(0, 2), "cpu")
+    iid = src.template.interval_id
+    with torch.no_grad():
+        same = compute_loss(student, batch, iid, 3.0, 0.5, teacher=student, distill_weight=1.0)
+        other = compute_loss(student, batch, iid, 3.0, 0.5, teacher=twin, distill_weight=1.0)
+        plain = compute_loss(student, batch, iid, 3.0, 0.5)
+    assert abs(same.distill) < 1e-5 and other.distill > 1e-3 and plain.distill == 0
+    assert float(other.total) == pytest.approx(float(plain.total) + other.distill, rel=1e-5)
+
+    kd = dataclasses.replace(base, distill_from=str(tmp_path / "twin"), distill_weight=1.0)
+    train(tmp_path / "b", kd, "cpu", resume=False, minutes=None)
+    logged = [_json.loads(line) for line in (tmp_path / "b" / "log.jsonl").open()]
+    assert len(logged) == 2 and all(r["distill"] > 0 for r in logged)
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "tokenizer.json").write_text('{"other": "ids"}')
+    with pytest.raises(SystemExit, match="tokenizer differs"):
+        train(tmp_path / "c", kd, "cpu", resume=False, minutes=None)

@@ -142,6 +142,7 @@ class LossParts:
     stream: float  # weighted CE of the speak-or-stay-silent decision
     speak_recall: float  # speak frames where p(",") fell below the threshold
     silent_acc: float  # silent frames where p(",") stayed above it
+    distill: float = 0.0  # KL from the teacher's next-token distributions (0 without one)
 
 
 def compute_loss(
@@ -154,9 +155,12 @@ def compute_loss(
     aux_weight: float = 0.5,
     change_head: nn.Module | None = None,
     router_weight: float = 0.0,
+    teacher: StreamingModel | None = None,
+    distill_weight: float = 0.0,
 ) -> LossParts:
     """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
-    auxiliary head, a per-frame scene loss on the frame tokens."""
+    auxiliary head, a per-frame scene loss on the frame tokens; plus, with a teacher (the
+    full-compute twin), distillation toward its next-token distributions at the same rows."""
     dec = model.decoder
     tokens: list[torch.Tensor] = []
     scores: list[torch.Tensor] | None = [] if router_weight > 0 else None
@@ -195,7 +199,42 @@ def compute_loss(
         speak_recall = float(said[speak].float().mean()) if speak.any() else 1.0
         silent_acc = float((~said[~speak]).float().mean()) if (~speak).any() else 1.0
     total = lm + stream + aux_weight * aux
-    return LossParts(total, lm.item(), aux.item(), stream.item(), speak_recall, silent_acc)
+    kd = torch.zeros(())
+    if teacher is not None and distill_weight > 0:
+        t_lm, t_stream = teacher_logits(teacher, batch, lm_mask, last)
+        kd = _kl(t_lm, lm_logits.float()) + _kl(t_stream, s_logits, w)
+        total = total + distill_weight * kd
+    return LossParts(
+        total, lm.item(), aux.item(), stream.item(), speak_recall, silent_acc, kd.item()
+    )
+
+
+@torch.no_grad()
+def teacher_logits(
+    teacher: StreamingModel,
+    batch: dict[str, torch.Tensor],
+    lm_mask: torch.Tensor,
+    last: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits at the LM rows and at every frame's last <v> (the decision)."""
+    dec = teacher.decoder
+    x = batched_hidden(teacher, batch["ids"], batch["frames"], batch["frame_pos"])
+    lm = dec.lm_head(dec.final_norm(x[lm_mask])).float()
+    xs = x.gather(1, last[..., None].expand(-1, -1, x.shape[-1]))
+    return lm, dec.lm_head(dec.final_norm(xs)).float().flatten(0, 1)
+
+
+def _kl(
+    teacher: torch.Tensor, student: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(teacher || student) per row (rows, vocab), averaged (weighted when given)."""
+    if teacher.shape[0] == 0:
+        return torch.zeros(())
+    t = F.log_softmax(teacher, -1)
+    kl = (t.exp() * (t - F.log_softmax(student, -1))).sum(-1)
+    if weight is None:
+        return kl.mean()
+    return (weight * kl).sum() / weight.sum()
 
 
 def router_loss(scores: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:

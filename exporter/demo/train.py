@@ -97,6 +97,8 @@ class TrainConfig:
     tower_blocks: int = 0
     init_from: str = ""  # a run directory whose weights start this run (new tower blocks at 0)
     router_weight: float = 0.0  # weight of the routers' where-the-action-is loss (router_loss)
+    distill_from: str = ""  # a run directory whose model (the r = 1 twin) is the teacher
+    distill_weight: float = 0.0  # weight of the KL toward the teacher (objective.compute_loss)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -238,6 +240,30 @@ def init_vision(model: StreamingModel) -> None:
 # ---- the loop ----
 
 
+def load_run_model(run_dir: Path) -> StreamingModel:
+    """The model of a train-demo run directory at its latest checkpoint."""
+    if not (run_dir / STATE_FILE).is_file():
+        raise SystemExit(f"{run_dir}: no {STATE_FILE} there; pass a train-demo --out")
+    state = load_state(run_dir / STATE_FILE)
+    tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
+    model = build_model(run_dir / "tokenizer.json", tcfg.keep_ratio, tcfg.seed, tcfg.tower_blocks)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def load_teacher(run_dir: Path, tok_path: Path, device: str) -> StreamingModel:
+    """A frozen teacher for distillation; it must share this run's tokenizer."""
+    if (run_dir / "tokenizer.json").read_text() != tok_path.read_text():
+        raise SystemExit(
+            f"--distill-from {run_dir}: its tokenizer differs from this run's; a teacher must "
+            "come from the same tokenizer (start both from the same --init-from run)"
+        )
+    teacher = load_run_model(run_dir).to(device).eval()
+    teacher.requires_grad_(False)
+    log.info("distilling from %s (keep ratio %g)", run_dir, teacher.cfg.mod.keep_ratio)
+    return teacher
+
+
 def train(
     out: Path,
     tcfg: TrainConfig,
@@ -271,6 +297,9 @@ def train(
         shutil.copyfile(init_dir / "tokenizer.json", tok_path)  # the same token ids
     if not tok_path.is_file():
         train_tokenizer(tok_path)
+    teacher = None
+    if tcfg.distill_from and tcfg.distill_weight > 0:
+        teacher = load_teacher(Path(tcfg.distill_from), tok_path, device)
     model = build_model(tok_path, tcfg.keep_ratio, tcfg.seed, tcfg.tower_blocks)
     model = model.to(device).train()
     aux_head = change_head = None
@@ -322,6 +351,8 @@ def train(
                 tcfg.aux_weight,
                 change_head,
                 tcfg.router_weight,
+                teacher,
+                tcfg.distill_weight,
             )
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -344,6 +375,7 @@ def train(
                 "stream": round(parts.stream, 4),
                 "speak_recall": round(parts.speak_recall, 3),
                 "silent_acc": round(parts.silent_acc, 3),
+                "distill": round(parts.distill, 4),
                 "grad_norm": round(gnorm, 3),
                 "elapsed_s": round(time.time() - t0, 1),
             }
@@ -427,6 +459,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0.0,
         help="weight of a loss teaching the MoD routers which tokens show the action (0: off)",
     )
+    p.add_argument(
+        "--distill-from",
+        default=None,
+        metavar="RUN",
+        help="a run (the full-compute twin) whose next-token distributions this one learns too",
+    )
+    p.add_argument(
+        "--distill-weight", type=float, default=1.0, help="with --distill-from: the KL's weight"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
@@ -444,10 +485,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def snapshot(run_dir: Path, native_out: Path, threshold: float | None = None) -> Path:
     """The run's latest resumable checkpoint as a native checkpoint, optionally with a speak
     threshold calibrated on validation streams (`onsight eval --threshold`)."""
-    state = load_state(run_dir / STATE_FILE)
-    tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
-    model = build_model(run_dir / "tokenizer.json", tcfg.keep_ratio, tcfg.seed, tcfg.tower_blocks)
-    model.load_state_dict(state["model"])
+    model = load_run_model(run_dir)
     if threshold is not None:
         tpl = dataclasses.replace(model.cfg.template, threshold=threshold)
         model = model.with_config(model.cfg.replace(template=tpl))
@@ -475,6 +513,8 @@ def main(argv: list[str]) -> int:
         init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
         stage_fractions=(0.0, 0.0) if args.full_world else TrainConfig.stage_fractions,
         router_weight=args.router_weight,
+        distill_from=str(Path(args.distill_from).resolve()) if args.distill_from else "",
+        distill_weight=args.distill_weight if args.distill_from else 0.0,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
