@@ -90,7 +90,7 @@ def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
                     f"--router learned: no LayerExpert for layers {missing}; route only the "
                     f"layers that have one ({sorted(int(x) for x in model.decoder.experts)})"
                 )
-        mod = ModConfig(keep_ratio=keep_ratio, layers=layers, router=router)
+        mod = ModConfig(keep_ratio=keep_ratio, layers=layers, router=router, gate=cfg.mod.gate)
     except ValueError as e:
         raise ExportError(str(e)) from e
     new_cfg = cfg.replace(mod=mod)
@@ -163,6 +163,7 @@ def _manifest(
             "keep_ratio": cfg.mod.keep_ratio,
             "k": layout.k,
             "router": cfg.mod.router,
+            "gate": cfg.mod.gate,
             "routed_layers": list(dec.routed),
         },
         "kv": {

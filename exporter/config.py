@@ -52,6 +52,7 @@ class VisionConfig:
 
 # learned: the LayerExperts; novelty / norm: training-free signals; random / uniform: the
 # ablation baselines (pseudo-random by token position, or evenly spaced tokens of the frame)
+GATES = ("sigmoid", "straight")
 ROUTERS = ("learned", "novelty", "norm", "random", "uniform")
 
 
@@ -66,12 +67,19 @@ class ModConfig:
     keep_ratio: float = 1.0  # share of each frame's vision tokens a routed layer processes
     layers: tuple[int, ...] = ()  # indices of routed decoder layers
     router: str = "novelty"  # one of ROUTERS (unused when keep_ratio is 0)
+    # How a LayerExpert's score weighs a kept token's update, x + w * (block(x) - x):
+    # "sigmoid" w = sigmoid(score) (MoD's router weight); "straight" w = 1, the sigmoid
+    # reaching the router only through the gradient (straight-through), so a router can
+    # choose tokens but cannot switch the layer off for them.
+    gate: str = "sigmoid"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.keep_ratio <= 1.0:
             raise ValueError(f"keep ratio must be in [0, 1], got {self.keep_ratio}")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}: use one of {', '.join(ROUTERS)}")
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}: use one of {', '.join(GATES)}")
 
     def k(self, tokens_per_frame: int) -> int:
         """Vision tokens per frame that a routed layer keeps: ceil(r * N), 0 only at r = 0."""

@@ -289,11 +289,12 @@ class ModDecoder(nn.Module):
                 pos = torch.cat([positions[:Tt], positions[Tt:][idx]])
                 out, k, v = self.block(i, torch.cat([text, sel], dim=0), pos, past[i], masks[i])
                 out_text, out_sel = out[:Tt], out[Tt:]
-                if str(i) in self.experts:
+                if str(i) in self.experts and self.cfg.mod.gate == "sigmoid":
                     # Mixture-of-Depths: x + w * f(x) with w the LayerExpert's sigmoid weight.
                     # A model trained with experts keeps that gate when another router only
                     # *selects* (the ablations change the choice, nothing else); models
-                    # without experts (training-free routers) use w = 1.
+                    # without experts (training-free routers) and straight-through gates
+                    # use w = 1.
                     gate = score[idx] if self.router == "learned" else self.experts[str(i)](sel)
                     w = torch.sigmoid(gate).unsqueeze(-1).to(out_sel.dtype)
                     out_sel = sel + w * (out_sel - sel)

@@ -168,7 +168,8 @@ def recompute_logits(model: StreamingModel, segments: list[Segment]) -> list[np.
                 score = dec.scores(i, x[where], novelty, positions[where])
                 top = torch.topk(score, k).indices
                 active[where[top]] = True
-                if str(i) in dec.experts:  # the trained gate, whichever router selects
+                if str(i) in dec.experts and dec.cfg.mod.gate == "sigmoid":
+                    # the trained gate, whichever router selects (straight-through: w = 1)
                     gate = (
                         score[top]
                         if dec.router == "learned"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from onsight.exporter.config import ModConfig
 from onsight.exporter.demo.data import IGNORE, build_example, collate
 from onsight.exporter.demo.objective import batched_logits, compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
@@ -120,10 +121,11 @@ def _segments(ids: np.ndarray, emb: torch.Tensor, v_id: int) -> tuple[list[Segme
     return segs, ends
 
 
-def test_batched_training_forward_equals_recompute_logits(demo_tok):
+@pytest.mark.parametrize("gate", ["sigmoid", "straight"])
+def test_batched_training_forward_equals_recompute_logits(demo_tok, gate):
     path, vocab, _ = demo_tok
     torch.manual_seed(0)
-    model = build_model(path, 0.2, seed=0).eval()
+    model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0, gate=gate)).eval()
     for expert in model.decoder.experts.values():  # spread scores so routing matters
         torch.nn.init.normal_(expert.proj.weight, std=0.5)
     src = make_source(str(path), TrainConfig(batch_size=2, num_frames=6), 10)
@@ -142,7 +144,7 @@ def test_batched_training_forward_equals_recompute_logits(demo_tok):
 def test_short_training_run_lowers_the_loss(demo_tok):
     path, _, _ = demo_tok
     torch.manual_seed(0)
-    model = build_model(path, 0.2, seed=0).train()
+    model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0)).train()
     src = make_source(str(path), TrainConfig(batch_size=2, num_frames=6), 10)
     batch = to_tensors(src.batch(0, stage=0), "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -576,3 +578,27 @@ def test_distillation_pulls_toward_the_teacher_and_needs_its_tokenizer(tmp_path)
     (tmp_path / "c" / "tokenizer.json").write_text('{"other": "ids"}')
     with pytest.raises(SystemExit, match="tokenizer differs"):
         train(tmp_path / "c", kd, "cpu", resume=False, minutes=None)
+
+
+def test_straight_through_gate_gives_kept_tokens_the_whole_update(demo_tok):
+    """--gate straight: forward, a kept token takes x + block(x) - x whatever its score (the
+    router cannot switch a layer off); backward, the router still gets the sigmoid's gradient."""
+    from onsight.exporter.demo.objective import batched_hidden
+
+    path, _, _ = demo_tok
+    src = make_source(str(path), TrainConfig(batch_size=2, num_frames=4), 10)
+    t = to_tensors(src.batch(1, stage=2), "cpu")
+    hidden, grads = {}, {}
+    for gate in ("sigmoid", "straight"):
+        model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0, gate=gate))
+        for expert in model.decoder.experts.values():  # gates near 0 under sigmoid
+            torch.nn.init.zeros_(expert.proj.weight)
+            torch.nn.init.constant_(expert.proj.bias, -8.0)
+        x = batched_hidden(model, t["ids"], t["frames"], t["frame_pos"])
+        x.pow(2).mean().backward()
+        hidden[gate] = x.detach()
+        grads[gate] = model.decoder.experts["1"].proj.bias.grad
+    assert not torch.allclose(hidden["sigmoid"], hidden["straight"], atol=1e-4)
+    assert grads["straight"] is not None and float(grads["straight"].abs()) > 0
+    with pytest.raises(ValueError, match="unknown gate"):
+        ModConfig(0.2, (1, 3), "learned", gate="soft")

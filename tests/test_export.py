@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -253,3 +254,17 @@ def test_int8_build_records_agreement_and_the_runtime_uses_it(tiny_bundle, tmp_p
     )
     assert OrtSessions(bundle, "cpu").name.endswith(":int8")
     assert not OrtSessions(bundle, "cpu", use_overrides=False).name.endswith(":int8")
+
+
+def test_straight_through_gate_exports_with_parity(native_model, tmp_path):
+    """A model trained with --gate straight exports graphs that give kept tokens the whole
+    update (parity with the PyTorch reference), and bundle.json says which gate it has."""
+    model, tok = native_model
+    straight = model.with_config(
+        model.cfg.replace(mod=dataclasses.replace(model.cfg.mod, gate="straight"))
+    )
+    out, manifest = export_bundle(straight, tok, tmp_path / "b", ExportOptions(kv_capacity=256))
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_logit_error"] < 1e-4
+    written = json.loads((out / "bundle.json").read_text())
+    assert written["mod"]["gate"] == "straight"
+    _validate_schema(written)

@@ -2,9 +2,10 @@
 
 The forward is batched (B streams at once) but computes exactly what the streaming step
 computes: in a routed layer each frame keeps its top-k vision tokens by the LayerExpert's
-score, kept tokens become x + sigmoid(score) * (block(x) - x), skipped ones pass unchanged,
-text is always processed, and attention is causal over the tokens that layer processes. The
-top-k is not differentiable; the sigmoid weight gives the routers their gradient (MoD).
+score, kept tokens become x + sigmoid(score) * (block(x) - x) (with the straight-through gate,
+x + block(x) - x forward and the sigmoid's gradient back), skipped ones pass unchanged, text
+is always processed, and attention is causal over the tokens that layer processes. The top-k
+is not differentiable; the sigmoid weight gives the routers their gradient (MoD).
 """
 
 from __future__ import annotations
@@ -104,8 +105,10 @@ def batched_hidden(
         top = score.topk(k, dim=-1)
         kept = frame_pos.gather(2, top.indices).reshape(B, nf * k)
         active = (~is_vis).scatter(1, kept, True)
-        weight = torch.ones(B, L, dtype=x.dtype, device=x.device)
-        weight = weight.scatter(1, kept, torch.sigmoid(top.values).reshape(B, nf * k).to(x.dtype))
+        gate = torch.sigmoid(top.values).reshape(B, nf * k).to(x.dtype)
+        if model.cfg.mod.gate == "straight":
+            gate = 1.0 + gate - gate.detach()  # w = 1 forward, the sigmoid's gradient back
+        weight = torch.ones(B, L, dtype=x.dtype, device=x.device).scatter(1, kept, gate)
         # Gather the active tokens to the front (in position order) so skipped ones cost
         # nothing; the tail of the slice holds skipped tokens, masked and left unchanged.
         m = int(active.sum(1).max())

@@ -37,7 +37,9 @@ STATE_FILE = "train_state.pt"
 # ---- the model ----
 
 
-def demo_config(vocab: int, keep_ratio: float = 0.2, tower_blocks: int = 0) -> ModelConfig:
+def demo_config(
+    vocab: int, keep_ratio: float = 0.2, tower_blocks: int = 0, gate: str = "sigmoid"
+) -> ModelConfig:
     """The shipped demo architecture: tiny CNN tower, 4-layer Llama, LayerExperts on 1 and 3."""
     decoder = dict(
         vocab_size=vocab,
@@ -66,7 +68,7 @@ def demo_config(vocab: int, keep_ratio: float = 0.2, tower_blocks: int = 0) -> M
         ),
         preprocess=PreprocessConfig(image_size=64),
         projector_hidden=128,
-        mod=ModConfig(keep_ratio=keep_ratio, layers=(1, 3), router="learned"),
+        mod=ModConfig(keep_ratio=keep_ratio, layers=(1, 3), router="learned", gate=gate),
         template=demo_template(),
         has_layer_experts=True,
     )
@@ -99,6 +101,7 @@ class TrainConfig:
     router_weight: float = 0.0  # weight of the routers' where-the-action-is loss (router_loss)
     distill_from: str = ""  # a run directory whose model (the r = 1 twin) is the teacher
     distill_weight: float = 0.0  # weight of the KL toward the teacher (objective.compute_loss)
+    gate: str = "sigmoid"  # how the routers weigh kept tokens' updates (ModConfig.gate)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -172,14 +175,12 @@ def load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_model(
-    tokenizer_json: Path, keep_ratio: float, seed: int, tower_blocks: int = 0
-) -> StreamingModel:
+def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tokenizer_json)).token_to_id(V_TOKEN)
-    torch.manual_seed(seed)
-    model = StreamingModel(demo_config(vocab, keep_ratio, tower_blocks))
+    torch.manual_seed(tcfg.seed)
+    model = StreamingModel(demo_config(vocab, tcfg.keep_ratio, tcfg.tower_blocks, tcfg.gate))
     init_vision(model)
     return model
 
@@ -246,7 +247,7 @@ def load_run_model(run_dir: Path) -> StreamingModel:
         raise SystemExit(f"{run_dir}: no {STATE_FILE} there; pass a train-demo --out")
     state = load_state(run_dir / STATE_FILE)
     tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
-    model = build_model(run_dir / "tokenizer.json", tcfg.keep_ratio, tcfg.seed, tcfg.tower_blocks)
+    model = build_model(run_dir / "tokenizer.json", tcfg)
     model.load_state_dict(state["model"])
     return model
 
@@ -300,7 +301,7 @@ def train(
     teacher = None
     if tcfg.distill_from and tcfg.distill_weight > 0:
         teacher = load_teacher(Path(tcfg.distill_from), tok_path, device)
-    model = build_model(tok_path, tcfg.keep_ratio, tcfg.seed, tcfg.tower_blocks)
+    model = build_model(tok_path, tcfg)
     model = model.to(device).train()
     aux_head = change_head = None
     if tcfg.aux_weight > 0:
@@ -468,6 +469,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--distill-weight", type=float, default=1.0, help="with --distill-from: the KL's weight"
     )
+    p.add_argument(
+        "--gate",
+        default="sigmoid",
+        choices=["sigmoid", "straight"],
+        help="how a router weighs a kept token's update: sigmoid(score) (MoD), or 1 with the "
+        "sigmoid's gradient (straight-through: a router chooses, it cannot switch layers off)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
@@ -515,6 +523,7 @@ def main(argv: list[str]) -> int:
         router_weight=args.router_weight,
         distill_from=str(Path(args.distill_from).resolve()) if args.distill_from else "",
         distill_weight=args.distill_weight if args.distill_from else 0.0,
+        gate=args.gate,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
