@@ -307,6 +307,8 @@ def test_ablation_table_runs_on_a_tiny_model(tiny_tokenizer, tmp_path):
         assert r["status"] == "ok" and 0.0 <= r["f1_exact"] <= 1.0
         assert 0.0 < r["flops_vs_full"] < 1.0
     assert rows["early_exit"]["k"] == 0
+    gates = report["router_gates"]["mean_kept_weight"]
+    assert set(gates) == {"1", "3"} and all(0.0 < w < 1.0 for w in gates.values())
     js, md = write_report(report, tmp_path / "out" / "ablation.json")
     assert json.loads(js.read_text())["rows"][0]["variant"] == rows["learned"]["variant"]
     text = md.read_text()
@@ -315,7 +317,7 @@ def test_ablation_table_runs_on_a_tiny_model(tiny_tokenizer, tmp_path):
     header = tables[0].count("|")
     main_rows = tables[: 2 + len(rows)]
     assert all(ln.count("|") == header for ln in main_rows)
-    assert "not trained" in text
+    assert "not trained" in text and "weight on kept tokens' updates (sigmoid gate)" in text
 
 
 # ---- teacher-forced metrics: perplexity, LM correctness, fluency ----

@@ -281,6 +281,7 @@ def run_ablations(
         router="learned" if model.cfg.has_layer_experts else None,
     )
     exit_at, mod_ratio, exit_ratio = choose_exit_layer(model, mod_opts, sink, context_frames)
+    gates = router_gates(model, tok, held_out_streams(4, seed_start, frames, stage))
     variants = build_variants(checkpoint, model, Path(twin) if twin else None, base, exit_at)
     say(f"{len(variants)} variants on {streams} held-out streams x {frames} frames")
     data = held_out_streams(streams, seed_start, frames, stage)
@@ -312,9 +313,59 @@ def run_ablations(
             "target_flops_vs_full": mod_ratio,
             "achieved_flops_vs_full": exit_ratio,
         },
+        "router_gates": gates,
         "rows": rows,
         "targets": targets(rows),
     }
+
+
+def router_gates(model: StreamingModel, tok: Path, data: Sequence[Stream]) -> dict[str, Any]:
+    """How much of its routed layer a kept vision token gets: the mean weight w of its update
+    x + w * (block(x) - x), per routed layer, over `data` (1.0 with the straight-through gate).
+    Near 0, the layer is switched off for vision tokens whichever ones the router keeps."""
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+
+    from onsight.exporter.demo.data import build_example, collate
+    from onsight.exporter.demo.objective import batched_hidden
+    from onsight.exporter.demo.tokenizer import V_TOKEN
+    from onsight.runtime.template import build_template_ids
+
+    mod = model.cfg.mod
+    if not model.cfg.has_layer_experts or mod.router != "learned" or not 0 < mod.keep_ratio < 1:
+        return {"gate": mod.gate, "mean_kept_weight": {}}
+    t = Tokenizer.from_file(str(tok))
+    ids = build_template_ids(t, dataclasses.asdict(model.cfg.template))
+    v_id = t.token_to_id(V_TOKEN)
+    enc = lambda s: t.encode(s, add_special_tokens=False).ids  # noqa: E731
+    batch = collate(
+        [build_example(s, ids, enc, v_id, model.cfg.tokens_per_frame) for s in data],
+        pad_id=ids.eos_id,
+    )
+    scores: list[torch.Tensor] = []
+    k = mod.k(model.cfg.tokens_per_frame)
+    with torch.no_grad():
+        frames = torch.from_numpy(np.asarray(batch.frames))  # (B, F, S, S, 3) uint8
+        size = model.cfg.preprocess.image_size
+        if frames.shape[2] != size:  # the world draws 64x64; a smaller tower reads less
+            flat = frames.flatten(0, 1).permute(0, 3, 1, 2).float()
+            flat = torch.nn.functional.interpolate(flat, size=(size, size), mode="area")
+            frames = (
+                flat.round()
+                .to(torch.uint8)
+                .permute(0, 2, 3, 1)
+                .view(*frames.shape[:2], size, size, 3)
+            )
+        ids_t = torch.from_numpy(np.asarray(batch.ids))
+        fp = torch.from_numpy(np.asarray(batch.frame_pos))
+        batched_hidden(model, ids_t, frames, fp, None, scores)
+    layers = sorted(model.decoder.routed)
+    weights = {
+        str(i): 1.0 if mod.gate == "straight" else float(torch.sigmoid(s.topk(k, -1).values).mean())
+        for i, s in zip(layers, scores)
+    }
+    return {"gate": mod.gate, "mean_kept_weight": weights}
 
 
 def _sink_length(model: StreamingModel, tok: Path) -> int:
@@ -395,6 +446,13 @@ def ablation_markdown(report: dict[str, Any]) -> str:
         f"{ee['achieved_flops_vs_full']:.2f}x full-compute FLOPs (MoD: "
         f"{ee['target_flops_vs_full']:.2f}x).",
     ]
+    gates = report.get("router_gates", {})
+    if gates.get("mean_kept_weight"):
+        w = ", ".join(f"layer {i}: {v:.3f}" for i, v in gates["mean_kept_weight"].items())
+        lines.append(
+            f"Learned routers' weight on kept tokens' updates ({gates['gate']} gate), mean over "
+            f"4 held-out streams: {w}."
+        )
     if "f1_gap_to_twin" in t:
         lines.append(
             f"Target (learned MoD within {TARGET_F1_GAP * 100:.0f} F1 points of the twin at <= "
