@@ -82,3 +82,14 @@ def tiny_bundle(tmp_path_factory, tiny_tokenizer):
         ExportOptions(keep_ratio=0.2, kv_capacity=160, keep_text_tokens=24),
     )
     return out, model, tok
+
+
+@pytest.fixture(scope="session")
+def demo_tok(tmp_path_factory):
+    """(tokenizer.json, vocab, Tokenizer): the demo model's tokenizer, trained once."""
+    from tokenizers import Tokenizer
+
+    from onsight.exporter.demo.tokenizer import train_tokenizer
+
+    path, vocab = train_tokenizer(tmp_path_factory.mktemp("demo_tok") / "tokenizer.json")
+    return path, vocab, Tokenizer.from_file(str(path))

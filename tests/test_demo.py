@@ -13,7 +13,7 @@ import torch
 from onsight.exporter.config import ModConfig
 from onsight.exporter.demo.data import IGNORE, build_example, collate
 from onsight.exporter.demo.objective import batched_logits, compute_loss
-from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
+from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template
 from onsight.exporter.demo.train import TrainConfig, build_model, make_source, to_tensors
 from onsight.exporter.reference import Segment, recompute_logits
 from onsight.runtime.kv_policy import SINK
@@ -25,17 +25,9 @@ from onsight.runtime.template import build_template_ids
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "engines" / "demo"
 # Measured on the shipped bundle (see engines/demo-checkpoint/TRAINING.md) minus a margin:
-# on these 10 x 40-frame held-out streams it scores exact F1 0.844 and kind F1 0.983.
+# on these 10 x 40-frame held-out streams it scores exact F1 0.886 and kind F1 0.989.
 SHIPPED_F1_FLOOR = 0.8
 SHIPPED_KIND_F1_FLOOR = 0.9
-
-
-@pytest.fixture(scope="module")
-def demo_tok(tmp_path_factory):
-    from tokenizers import Tokenizer
-
-    path, vocab = train_tokenizer(tmp_path_factory.mktemp("demo_tok") / "tokenizer.json")
-    return path, vocab, Tokenizer.from_file(str(path))
 
 
 def test_tokenizer_round_trips_every_grammar_sentence(demo_tok):
@@ -206,8 +198,6 @@ def _frame_kept(model, frame: torch.Tensor, prev: torch.Tensor, start: int) -> l
 @pytest.mark.parametrize("router", ["random", "uniform"])
 def test_baseline_routers_keep_k_distinct_tokens_deterministically(tiny_tokenizer, router):
     from conftest import make_tiny_model
-
-    from onsight.exporter.config import ModConfig
 
     _, vocab = tiny_tokenizer
     base = make_tiny_model(vocab)
@@ -456,71 +446,6 @@ def test_fluency_and_lm_correctness_on_hand_made_logits(tiny_tokenizer):
     assert turn_fluency([False, True], [True]) == 0.0
 
 
-def _train_weights(out: Path, steps: int, resume: bool = False, extend_to: int | None = None):
-    from safetensors.torch import load_file
-
-    from onsight.exporter.demo.train import train
-
-    torch.set_num_threads(1)
-    tcfg = TrainConfig(seed=3, steps=steps, batch_size=2, num_frames=6, warmup=1)
-    native = train(out, tcfg, "cpu", resume=resume, minutes=None, extend_to=extend_to)
-    return load_file(str(Path(native) / "model.safetensors"))
-
-
-def test_train_demo_reproduces_weights_from_the_seed_and_resumes_exactly(tmp_path, monkeypatch):
-    from onsight.exporter.demo import train as train_mod
-
-    a = _train_weights(tmp_path / "a", 4)
-    b = _train_weights(tmp_path / "b", 4)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    real, calls = train_mod.compute_loss, []
-
-    def ctrl_c_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "compute_loss", ctrl_c_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        _train_weights(tmp_path / "c", 4)
-    monkeypatch.setattr(train_mod, "compute_loss", real)
-    c = _train_weights(tmp_path / "c", 4, resume=True)  # Ctrl-C lost nothing
-    assert all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
-    """--init-from: a run with a residual tower block starts from an earlier run's weights and
-    computes exactly what it did (the new block starts at zero), then trains the block."""
-    from safetensors.torch import load_file
-
-    from onsight.exporter.demo.train import train
-    from onsight.exporter.model import load_native
-
-    torch.set_num_threads(1)
-    base = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
-    first = train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
-    tuned_cfg = dataclasses.replace(
-        base, steps=0, tower_blocks=1, init_from=str(tmp_path / "a"), stage_fractions=(0.0, 0.0)
-    )
-    start = train(tmp_path / "b", tuned_cfg, "cpu", resume=False, minutes=None)
-    old, _ = load_native(first)
-    new, _ = load_native(start)
-    assert new.cfg.vision.tiny_blocks == 1 and old.cfg.vision.tiny_blocks == 0
-    frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        assert torch.equal(old.encoder(frames), new.encoder(frames))
-    tuned = train(
-        tmp_path / "c", dataclasses.replace(tuned_cfg, steps=2), "cpu", resume=False, minutes=None
-    )
-    block = load_file(str(Path(tuned) / "model.safetensors"))
-    assert any(".tower.convs.6.conv." in k and block[k].abs().sum() > 0 for k in block)
-
-    with pytest.raises(SystemExit, match="no train_state.pt"):
-        bad = dataclasses.replace(tuned_cfg, init_from=str(tmp_path / "nowhere"))
-        train(tmp_path / "d", bad, "cpu", resume=False, minutes=None)
-
-
 def test_shipped_frame_tokens_tell_shapes_and_colours_apart():
     """The linear probe that found the first demo tower's blind spot (shapes 58%)."""
     if not (REPO / "engines" / "demo-checkpoint" / "config.json").is_file():
@@ -529,78 +454,3 @@ def test_shipped_frame_tokens_tell_shapes_and_colours_apart():
 
     result = probe(str(REPO / "engines" / "demo-checkpoint"))
     assert result["colour_accuracy"] > 0.95 and result["shape_accuracy"] > 0.85  # 0.99 / 0.90
-
-
-def test_router_loss_ranks_the_cells_where_something_happens():
-    from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM
-    from onsight.exporter.demo.objective import router_loss
-
-    change = torch.zeros(1, 2, 10, CHANGE_DIM)
-    change[0, 0, 4, -1] = 1.0  # frame 0: an object moves in cell 4 (token 4)
-    batch = {"change": change, "aux": torch.zeros(1, 2, 10, AUX_DIM)}
-    right = torch.zeros(1, 2, 10)
-    right[0, 0, 4] = 5.0
-    wrong = torch.zeros(1, 2, 10)
-    wrong[0, 0, 7] = 5.0
-    assert router_loss([right], batch) < 0.1 < router_loss([wrong], batch)
-    # shift-invariant: it ranks tokens, it does not move the gate's level
-    assert torch.isclose(router_loss([right + 3.0], batch), router_loss([right], batch))
-    assert router_loss([wrong], {"change": torch.zeros_like(change), "aux": batch["aux"]}) == 0
-
-
-def test_distillation_pulls_toward_the_teacher_and_needs_its_tokenizer(tmp_path):
-    """--distill-from: the KL toward a teacher is 0 for a copy of the student, positive for
-    another model, and enters the logged loss; a teacher with other token ids is refused."""
-    import json as _json
-
-    from onsight.exporter.demo.objective import compute_loss
-    from onsight.exporter.demo.train import load_run_model, make_source, to_tensors, train
-
-    torch.set_num_threads(1)
-    base = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
-    train(tmp_path / "twin", dataclasses.replace(base, keep_ratio=1.0), "cpu", False, None)
-    train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
-    student, twin = load_run_model(tmp_path / "a"), load_run_model(tmp_path / "twin")
-    src = make_source(str(tmp_path / "a" / "tokenizer.json"), base, student.cfg.tokens_per_frame)
-    batch = to_tensors(src.batch(0, 2), "cpu")
-    iid = src.template.interval_id
-    with torch.no_grad():
-        same = compute_loss(student, batch, iid, 3.0, 0.5, teacher=student, distill_weight=1.0)
-        other = compute_loss(student, batch, iid, 3.0, 0.5, teacher=twin, distill_weight=1.0)
-        plain = compute_loss(student, batch, iid, 3.0, 0.5)
-    assert abs(same.distill) < 1e-5 and other.distill > 1e-3 and plain.distill == 0
-    assert float(other.total) == pytest.approx(float(plain.total) + other.distill, rel=1e-5)
-
-    kd = dataclasses.replace(base, distill_from=str(tmp_path / "twin"), distill_weight=1.0)
-    train(tmp_path / "b", kd, "cpu", resume=False, minutes=None)
-    logged = [_json.loads(line) for line in (tmp_path / "b" / "log.jsonl").open()]
-    assert len(logged) == 2 and all(r["distill"] > 0 for r in logged)
-
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "tokenizer.json").write_text('{"other": "ids"}')
-    with pytest.raises(SystemExit, match="tokenizer differs"):
-        train(tmp_path / "c", kd, "cpu", resume=False, minutes=None)
-
-
-def test_straight_through_gate_gives_kept_tokens_the_whole_update(demo_tok):
-    """--gate straight: forward, a kept token takes x + block(x) - x whatever its score (the
-    router cannot switch a layer off); backward, the router still gets the sigmoid's gradient."""
-    from onsight.exporter.demo.objective import batched_hidden
-
-    path, _, _ = demo_tok
-    src = make_source(str(path), TrainConfig(batch_size=2, num_frames=4), 10)
-    t = to_tensors(src.batch(1, stage=2), "cpu")
-    hidden, grads = {}, {}
-    for gate in ("sigmoid", "straight"):
-        model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0, gate=gate))
-        for expert in model.decoder.experts.values():  # gates near 0 under sigmoid
-            torch.nn.init.zeros_(expert.proj.weight)
-            torch.nn.init.constant_(expert.proj.bias, -8.0)
-        x = batched_hidden(model, t["ids"], t["frames"], t["frame_pos"])
-        x.pow(2).mean().backward()
-        hidden[gate] = x.detach()
-        grads[gate] = model.decoder.experts["1"].proj.bias.grad
-    assert not torch.allclose(hidden["sigmoid"], hidden["straight"], atol=1e-4)
-    assert grads["straight"] is not None and float(grads["straight"].abs()) > 0
-    with pytest.raises(ValueError, match="unknown gate"):
-        ModConfig(0.2, (1, 3), "learned", gate="soft")

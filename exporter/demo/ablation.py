@@ -281,10 +281,10 @@ def run_ablations(
         router="learned" if model.cfg.has_layer_experts else None,
     )
     exit_at, mod_ratio, exit_ratio = choose_exit_layer(model, mod_opts, sink, context_frames)
-    gates = router_gates(model, tok, held_out_streams(4, seed_start, frames, stage))
     variants = build_variants(checkpoint, model, Path(twin) if twin else None, base, exit_at)
     say(f"{len(variants)} variants on {streams} held-out streams x {frames} frames")
     data = held_out_streams(streams, seed_start, frames, stage)
+    gates = router_gates(model, tok, data[:4])
     tmp = None if bundles_dir else Path(tempfile.mkdtemp(prefix="onsight-ablation-"))
     out_dir = Path(bundles_dir) if bundles_dir else tmp
     try:
@@ -323,49 +323,50 @@ def router_gates(model: StreamingModel, tok: Path, data: Sequence[Stream]) -> di
     """How much of its routed layer a kept vision token gets: the mean weight w of its update
     x + w * (block(x) - x), per routed layer, over `data` (1.0 with the straight-through gate).
     Near 0, the layer is switched off for vision tokens whichever ones the router keeps."""
-    import numpy as np
     import torch
     from tokenizers import Tokenizer
 
-    from onsight.exporter.demo.data import build_example, collate
+    from onsight.exporter.demo.data import build_example
     from onsight.exporter.demo.objective import batched_hidden
-    from onsight.exporter.demo.tokenizer import V_TOKEN
+    from onsight.runtime.preprocess import preprocess_batch
     from onsight.runtime.template import build_template_ids
 
     mod = model.cfg.mod
+    out: dict[str, Any] = {"gate": mod.gate, "streams": len(data), "mean_kept_weight": {}}
     if not model.cfg.has_layer_experts or mod.router != "learned" or not 0 < mod.keep_ratio < 1:
-        return {"gate": mod.gate, "mean_kept_weight": {}}
+        return out
     t = Tokenizer.from_file(str(tok))
     ids = build_template_ids(t, dataclasses.asdict(model.cfg.template))
-    v_id = t.token_to_id(V_TOKEN)
-    enc = lambda s: t.encode(s, add_special_tokens=False).ids  # noqa: E731
-    batch = collate(
-        [build_example(s, ids, enc, v_id, model.cfg.tokens_per_frame) for s in data],
-        pad_id=ids.eos_id,
-    )
-    scores: list[torch.Tensor] = []
+    v_id = t.token_to_id(model.cfg.template.v_token)
+    pre = dataclasses.asdict(model.cfg.preprocess)
     k = mod.k(model.cfg.tokens_per_frame)
-    with torch.no_grad():
-        frames = torch.from_numpy(np.asarray(batch.frames))  # (B, F, S, S, 3) uint8
-        size = model.cfg.preprocess.image_size
-        if frames.shape[2] != size:  # the world draws 64x64; a smaller tower reads less
-            flat = frames.flatten(0, 1).permute(0, 3, 1, 2).float()
-            flat = torch.nn.functional.interpolate(flat, size=(size, size), mode="area")
-            frames = (
-                flat.round()
-                .to(torch.uint8)
-                .permute(0, 2, 3, 1)
-                .view(*frames.shape[:2], size, size, 3)
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in sorted(model.decoder.routed)}
+    for stream in data:
+        ex = build_example(
+            stream,
+            ids,
+            lambda s: t.encode(s, add_special_tokens=False).ids,
+            v_id,
+            model.cfg.tokens_per_frame,
+        )
+        frames = preprocess_batch(list(ex.frames), pre)  # as the bundle would see them
+        scores: list[torch.Tensor] = []
+        with torch.no_grad():
+            batched_hidden(
+                model,
+                torch.from_numpy(ex.ids)[None],
+                torch.from_numpy(frames)[None],
+                torch.from_numpy(ex.frame_pos)[None],
+                None,
+                scores,
             )
-        ids_t = torch.from_numpy(np.asarray(batch.ids))
-        fp = torch.from_numpy(np.asarray(batch.frame_pos))
-        batched_hidden(model, ids_t, frames, fp, None, scores)
-    layers = sorted(model.decoder.routed)
-    weights = {
-        str(i): 1.0 if mod.gate == "straight" else float(torch.sigmoid(s.topk(k, -1).values).mean())
-        for i, s in zip(layers, scores)
+        for i, score in zip(kept, scores):
+            kept[i].append(torch.sigmoid(score.topk(k, -1).values).flatten())
+    out["mean_kept_weight"] = {
+        str(i): 1.0 if mod.gate == "straight" else float(torch.cat(w).mean())
+        for i, w in kept.items()
     }
-    return {"gate": mod.gate, "mean_kept_weight": weights}
+    return out
 
 
 def _sink_length(model: StreamingModel, tok: Path) -> int:
@@ -451,7 +452,7 @@ def ablation_markdown(report: dict[str, Any]) -> str:
         w = ", ".join(f"layer {i}: {v:.3f}" for i, v in gates["mean_kept_weight"].items())
         lines.append(
             f"Learned routers' weight on kept tokens' updates ({gates['gate']} gate), mean over "
-            f"4 held-out streams: {w}."
+            f"{gates['streams']} held-out streams: {w}."
         )
     if "f1_gap_to_twin" in t:
         lines.append(

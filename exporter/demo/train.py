@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
+from onsight.exporter.config import GATES, ModConfig, ModelConfig, PreprocessConfig, VisionConfig
 from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource
 from onsight.exporter.demo.objective import compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
@@ -472,7 +472,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--gate",
         default="sigmoid",
-        choices=["sigmoid", "straight"],
+        choices=GATES,
         help="how a router weighs a kept token's update: sigmoid(score) (MoD), or 1 with the "
         "sigmoid's gradient (straight-through: a router chooses, it cannot switch layers off)",
     )
