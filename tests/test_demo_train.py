@@ -95,6 +95,52 @@ def test_router_loss_ranks_the_cells_where_something_happens():
     assert router_loss([wrong], {"change": torch.zeros_like(change), "aux": batch["aux"]}) == 0
 
 
+def test_actor_targets_name_the_object_a_narration_is_about():
+    from onsight.exporter.demo.data import actor_targets
+    from onsight.runtime.synthetic import curriculum, generate_stream
+
+    def cell(o, w, h):  # the 3x3 grid token of an object's centre, clamped into the frame
+        return 1 + min(2, max(0, int(o.y * 3 // h))) * 3 + min(2, max(0, int(o.x * 3 // w)))
+
+    checked = 0
+    for seed in range(6):
+        stream = generate_stream(seed, 24, curriculum(2))
+        target = actor_targets(stream)
+        w, h = stream.config.width, stream.config.height
+        for e in stream.events:
+            goal = set(target[e.frame_index].nonzero()[0].tolist())
+            if e.object_id is None:
+                assert 0 in goal  # a global event: the pooled whole-frame token
+                continue
+            assert 0 not in goal
+            before = stream.states[e.frame_index - 1] if e.frame_index else None
+            for state in (stream.states[e.frame_index], before):
+                actor = [o for o in (state.objects if state else ()) if o.object_id == e.object_id]
+                if actor:
+                    assert cell(actor[0], w, h) in goal
+                    break
+            # besides the actor, only cells with a moving object: never a still bystander
+            moving = {cell(o, w, h) for o in stream.states[e.frame_index].objects if o.moving}
+            assert len(goal - moving) <= 1
+            checked += 1
+    assert checked >= 10
+
+
+def test_router_loss_with_the_actor_target():
+    from onsight.exporter.demo.objective import router_loss
+
+    actor = torch.zeros(1, 2, 10)
+    actor[0, 1, 6] = 1.0  # frame 1: the narration is about the object in cell 6
+    batch = {"actor": actor}
+    right = torch.zeros(1, 2, 10)
+    right[0, 1, 6] = 6.0
+    pooled = torch.zeros(1, 2, 10)
+    pooled[0, 1, 0] = 6.0
+    assert router_loss([right], batch, "actor") < 0.1 < router_loss([pooled], batch, "actor")
+    with pytest.raises(ValueError, match="router target 'nearest'"):
+        router_loss([right], batch, "nearest")
+
+
 def test_distillation_pulls_toward_the_teacher_and_needs_its_tokenizer(tmp_path):
     """--distill-from: the KL toward a teacher is 0 for a copy of the student, positive for
     another model, and enters the logged loss; a teacher with other token ids is refused."""

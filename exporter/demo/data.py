@@ -38,6 +38,7 @@ class Example:
     frames: np.ndarray  # (F, S, S, 3) uint8 RGB
     aux: np.ndarray  # (F, 10, AUX_DIM) float32 per-token scene targets (see frame_targets)
     change: np.ndarray  # (F, 10, CHANGE_DIM) float32 per-token change targets (change_targets)
+    actor: np.ndarray  # (F, 10) float32 where the acting object is (actor_targets)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Batch:
     frames: np.ndarray  # (B, F, S, S, 3)
     aux: np.ndarray  # (B, F, 10, AUX_DIM)
     change: np.ndarray  # (B, F, 10, CHANGE_DIM)
+    actor: np.ndarray  # (B, F, 10)
 
 
 # Auxiliary targets per frame token: colours and shapes present (multi-hot), plus "dark".
@@ -60,13 +62,18 @@ class Batch:
 AUX_DIM = len(COLOURS) + len(SHAPES) + 1
 
 
+def _cell(o, width: int, height: int) -> int:
+    """The grid token (1 + row * 3 + col) of the cell holding an object's centre."""
+    col = min(2, max(0, int(o.x * 3 // width)))
+    row = min(2, max(0, int(o.y * 3 // height)))
+    return 1 + row * 3 + col
+
+
 def frame_targets(state: FrameState, width: int, height: int) -> np.ndarray:
     """(10, AUX_DIM) targets for the 1 + 3x3 tokens of one frame."""
     out = np.zeros((10, AUX_DIM), np.float32)
     for o in state.objects:
-        col = min(2, max(0, int(o.x * 3 // width)))
-        row = min(2, max(0, int(o.y * 3 // height)))
-        for token in (0, 1 + row * 3 + col):
+        for token in (0, _cell(o, width, height)):
             out[token, COLOURS.index(o.colour)] = 1.0
             out[token, len(COLOURS) + SHAPES.index(o.shape)] = 1.0
     out[:, -1] = float(state.dark)
@@ -89,9 +96,34 @@ def change_targets(stream: Stream) -> np.ndarray:
     for f, state in enumerate(stream.states):
         for o in state.objects:
             if o.moving:
-                col = min(2, max(0, int(o.x * 3 // w)))
-                row = min(2, max(0, int(o.y * 3 // h)))
-                out[f, 0, -1] = out[f, 1 + row * 3 + col, -1] = 1.0
+                out[f, 0, -1] = out[f, _cell(o, w, h), -1] = 1.0
+    return out
+
+
+def actor_targets(stream: Stream) -> np.ndarray:
+    """(F, 10) the tokens showing what a narration would be about, per frame.
+
+    The cells of moving objects; at an object event, the cell of *that* object (where it is,
+    or where it was last seen when it left), not of the others in the scene; at a global
+    event (dim, brighten, cut), the pooled whole-frame token. A router target that names the
+    actor, so that the kept tokens are the ones a narration needs (`router_loss`).
+    """
+    w, h = stream.config.width, stream.config.height
+    out = np.zeros((stream.num_frames, 10), np.float32)
+    for f, state in enumerate(stream.states):
+        for o in state.objects:
+            if o.moving:
+                out[f, _cell(o, w, h)] = 1.0
+    for e in stream.events:
+        f = e.frame_index
+        if e.object_id is None:
+            out[f, 0] = 1.0
+            continue
+        for state in (stream.states[f], stream.states[max(0, f - 1)]):
+            seen = [o for o in state.objects if o.object_id == e.object_id]
+            if seen:
+                out[f, _cell(seen[0], w, h)] = 1.0
+                break
     return out
 
 
@@ -152,6 +184,7 @@ def build_example(
             [frame_targets(st, stream.config.width, stream.config.height) for st in stream.states]
         ),
         change=change_targets(stream),
+        actor=actor_targets(stream),
     )
 
 
@@ -171,6 +204,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         frames=np.stack([e.frames for e in examples]),
         aux=np.stack([e.aux for e in examples]),
         change=np.stack([e.change for e in examples]),
+        actor=np.stack([e.actor for e in examples]),
     )
 
 

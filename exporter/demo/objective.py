@@ -160,6 +160,7 @@ def compute_loss(
     router_weight: float = 0.0,
     teacher: StreamingModel | None = None,
     distill_weight: float = 0.0,
+    router_target: str = "scene",
 ) -> LossParts:
     """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
     auxiliary head, a per-frame scene loss on the frame tokens; plus, with a teacher (the
@@ -182,7 +183,7 @@ def compute_loss(
         pred = change_head(dec.final_norm(xv)).float().view(batch["change"].shape)
         aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
     if scores:
-        aux = aux + router_weight * router_loss(scores, batch)
+        aux = aux + router_weight * router_loss(scores, batch, router_target)
     # LM loss at labelled positions only: the head runs on a few hundred rows, not all.
     lm_mask = batch["labels"] != IGNORE
     lm_logits = dec.lm_head(dec.final_norm(x[lm_mask]))
@@ -240,21 +241,36 @@ def _kl(
     return (weight * kl).sum() / weight.sum()
 
 
-def router_loss(scores: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+ROUTER_TARGETS = ("scene", "actor")
+
+
+def router_loss(
+    scores: list[torch.Tensor], batch: dict[str, torch.Tensor], target: str = "scene"
+) -> torch.Tensor:
     """Teach the LayerExperts where the action is: a listwise cross-entropy over each frame's
-    tokens toward the cells with a moving object, or with an object at an event frame.
+    tokens toward the tokens that show it.
+
+    target "scene": the cells with a moving object, every object's cell at an event frame, and
+    the pooled token whenever something moves (stage 3 of the demo model). "actor": only what
+    a narration is about (`data.actor_targets`): the moving objects' cells, the acting object's
+    cell at an object event, the pooled token at a global one.
 
     Listwise (softmax over the frame's tokens), so it ranks tokens without moving the scores'
     level, which also gates the kept tokens' updates (sigmoid of the score).
     """
-    change = batch["change"]  # (B, F, N, CHANGE_DIM): event kinds..., moving
-    present = batch["aux"][..., : len(COLOURS)].amax(-1)  # (B, F, N) an object in the cell
-    event = change[..., :-1].amax(-1)  # (B, F, N) an event at this frame
-    target = torch.maximum(change[..., -1], present * event)
-    mass = target.sum(-1, keepdim=True)
+    if target == "actor":
+        goal = batch["actor"]  # (B, F, N)
+    elif target == "scene":
+        change = batch["change"]  # (B, F, N, CHANGE_DIM): event kinds..., moving
+        present = batch["aux"][..., : len(COLOURS)].amax(-1)  # (B, F, N) an object in the cell
+        event = change[..., :-1].amax(-1)  # (B, F, N) an event at this frame
+        goal = torch.maximum(change[..., -1], present * event)
+    else:
+        raise ValueError(f"router target {target!r}: expected one of {ROUTER_TARGETS}")
+    mass = goal.sum(-1, keepdim=True)
     has = mass.squeeze(-1) > 0  # frames where something happens
     if not bool(has.any()):
         return torch.zeros(())
-    dist = target / mass.clamp(min=1)
+    dist = goal / mass.clamp(min=1)
     losses = [-(dist * F.log_softmax(s.float(), -1)).sum(-1)[has].mean() for s in scores]
     return torch.stack(losses).mean()

@@ -25,7 +25,7 @@ from torch import nn
 
 from onsight.exporter.config import GATES, ModConfig, ModelConfig, PreprocessConfig, VisionConfig
 from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource
-from onsight.exporter.demo.objective import compute_loss
+from onsight.exporter.demo.objective import ROUTER_TARGETS, compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
 from onsight.exporter.model import StreamingModel, save_native
 
@@ -102,6 +102,7 @@ class TrainConfig:
     distill_from: str = ""  # a run directory whose model (the r = 1 twin) is the teacher
     distill_weight: float = 0.0  # weight of the KL toward the teacher (objective.compute_loss)
     gate: str = "sigmoid"  # how the routers weigh kept tokens' updates (ModConfig.gate)
+    router_target: str = "scene"  # what router_loss ranks first (objective.ROUTER_TARGETS)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -354,6 +355,7 @@ def train(
                 tcfg.router_weight,
                 teacher,
                 tcfg.distill_weight,
+                tcfg.router_target,
             )
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -461,6 +463,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="weight of a loss teaching the MoD routers which tokens show the action (0: off)",
     )
     p.add_argument(
+        "--router-target",
+        default="scene",
+        choices=ROUTER_TARGETS,
+        help="with --router-weight, what the routers learn to keep: the scene's moving and "
+        "event cells and the pooled token (scene), or only what a narration is about (actor)",
+    )
+    p.add_argument(
         "--distill-from",
         default=None,
         metavar="RUN",
@@ -508,6 +517,11 @@ def main(argv: list[str]) -> int:
         native = snapshot(Path(args.out), Path(args.snapshot), args.threshold)
         print(f"native checkpoint: {native}")
         return 0
+    if args.router_target != "scene" and args.router_weight <= 0:
+        raise SystemExit(
+            f"--router-target {args.router_target} has no effect without the router loss: "
+            "add --router-weight (e.g. 1)"
+        )
     tcfg = TrainConfig(
         seed=args.seed,
         steps=args.steps or 3000,
@@ -524,6 +538,7 @@ def main(argv: list[str]) -> int:
         distill_from=str(Path(args.distill_from).resolve()) if args.distill_from else "",
         distill_weight=args.distill_weight if args.distill_from else 0.0,
         gate=args.gate,
+        router_target=args.router_target,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
