@@ -454,3 +454,15 @@ def test_shipped_frame_tokens_tell_shapes_and_colours_apart():
 
     result = probe(str(REPO / "engines" / "demo-checkpoint"))
     assert result["colour_accuracy"] > 0.95 and result["shape_accuracy"] > 0.85  # 0.99 / 0.90
+
+
+def test_long_run_scores_the_last_window_against_a_fresh_start():
+    from onsight.runtime.synthetic.longrun import long_run
+
+    r = long_run(str(SHIPPED), hours=0.05, window_min=1.0, seed=7)  # 360 frames
+    assert r["frames"] == 360 and len(r["f1_by_window"]) == 3
+    last, fresh = r["last_window"], r["last_window_fresh_start"]
+    assert last["events"] == fresh["events"] > 0
+    # two minutes in, the long-running assistant's cache holds the same kind of state as a
+    # fresh one's: on this window they narrate about as well
+    assert abs(last["f1"] - fresh["f1"]) <= 0.25

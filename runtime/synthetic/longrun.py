@@ -1,5 +1,7 @@
 """Does narration hold up over hours in bounded memory? A long synthetic stream, run as fast
 as possible, scored in its first and last minutes, with resident memory sampled throughout.
+The last window is also narrated by an assistant started fresh there: the same score means
+a drop is the stream's content, not the runtime's state.
 
     python -m onsight.runtime.synthetic.longrun --engine engines/demo --hours 2 --out longrun.json
 """
@@ -32,24 +34,37 @@ def long_run(engine: str, hours: float, window_min: float = 10.0, seed: int = 42
     cfg = WorldConfig()
     n = int(hours * 3600 * cfg.fps)
     window = window_min * 60
+    end = n / cfg.fps
     preds: list[tuple[float, str]] = []
+    # The control: a second assistant that starts fresh at the last window. If its score there
+    # equals the long-running one's, a lower last window is the stream's content, not state
+    # the runtime accumulated over hours.
+    fresh_preds: list[tuple[float, str]] = []
     events = []
     memory: list[tuple[int, float]] = []
     t0 = time.perf_counter()
-    with Assistant(engine, AssistantConfig(stats_every=10**9)) as a:
+    fresh_wall = 0.0
+    quiet = AssistantConfig(stats_every=10**9)
+    with Assistant(engine, quiet) as a, Assistant(engine, quiet) as fresh:
         for step in iter_stream(seed, cfg, n):
             events.extend(step.events)
-            for ev in a.push(step.image, step.state.time_s):
+            t = step.state.time_s
+            for ev in a.push(step.image, t):
                 if isinstance(ev, NarrationEvent):
                     preds.append((ev.frame_timestamp, ev.text))
+            if t >= end - window:
+                t1 = time.perf_counter()
+                for ev in fresh.push(step.image, t):
+                    if isinstance(ev, NarrationEvent):
+                        fresh_preds.append((ev.frame_timestamp, ev.text))
+                fresh_wall += time.perf_counter() - t1
             if step.state.index % 600 == 0:
                 memory.append((step.state.index, round(rss_mb(), 1)))
         st = a.stats()
-    wall = time.perf_counter() - t0
-    end = n / cfg.fps
+    wall = time.perf_counter() - t0 - fresh_wall
 
-    def score(lo: float, hi: float) -> dict:
-        p = [x for x in preds if lo <= x[0] < hi]
+    def score(lo: float, hi: float, said: list[tuple[float, str]] = preds) -> dict:
+        p = [x for x in said if lo <= x[0] < hi]
         e = [x for x in events if lo <= x.time_s < hi]
         r = score_narrations(p, e).exact
         return {"precision": r.precision, "recall": r.recall, "f1": r.f1, "events": r.n_events}
@@ -64,6 +79,7 @@ def long_run(engine: str, hours: float, window_min: float = 10.0, seed: int = 42
         "evictions": st.evictions,
         "first_window": score(0, window),
         "last_window": score(end - window, end),
+        "last_window_fresh_start": score(end - window, end, fresh_preds),
         # every window in order: drift shows as a trend, not as one pair of windows
         "f1_by_window": [
             round(score(lo, lo + window)["f1"], 3) for lo in np.arange(0, end - 1e-9, window)
