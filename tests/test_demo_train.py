@@ -78,6 +78,31 @@ def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
         train(tmp_path / "d", bad, "cpu", resume=False, minutes=None)
 
 
+def test_warm_start_deepens_the_decoder_without_changing_the_model(tmp_path):
+    """--decoder-layers 6 --init-from a 4-layer run: the two new layers (a dense one and a
+    routed one with its LayerExpert) start as identity, so the model computes exactly what
+    the earlier one did; a shallower model than the earlier run's is refused."""
+    from onsight.exporter.demo.objective import batched_logits
+    from onsight.exporter.demo.train import load_run_model, train
+    from onsight.exporter.model import load_native
+
+    torch.set_num_threads(1)
+    base = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1, gate="straight")
+    train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
+    deep = dataclasses.replace(base, steps=0, decoder_layers=6, init_from=str(tmp_path / "a"))
+    old = load_run_model(tmp_path / "a").eval()
+    new = load_native(train(tmp_path / "b", deep, "cpu", resume=False, minutes=None))[0].eval()
+    assert len(new.decoder.layers) == 6 and new.cfg.mod.layers == (1, 3, 5)
+    src = make_source(str(tmp_path / "a" / "tokenizer.json"), base, 10)
+    b = to_tensors(src.batch(0, 2), "cpu")
+    with torch.no_grad():
+        args = (b["ids"], b["frames"], b["frame_pos"])
+        assert torch.equal(batched_logits(old, *args), batched_logits(new, *args))
+    with pytest.raises(SystemExit, match="--decoder-layers at least"):
+        shallow = dataclasses.replace(base, decoder_layers=2, init_from=str(tmp_path / "a"))
+        train(tmp_path / "c", shallow, "cpu", resume=False, minutes=None)
+
+
 def test_router_loss_ranks_the_cells_where_something_happens():
     from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM
     from onsight.exporter.demo.objective import router_loss

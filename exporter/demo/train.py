@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -38,14 +39,19 @@ STATE_FILE = "train_state.pt"
 
 
 def demo_config(
-    vocab: int, keep_ratio: float = 0.2, tower_blocks: int = 0, gate: str = "sigmoid"
+    vocab: int,
+    keep_ratio: float = 0.2,
+    tower_blocks: int = 0,
+    gate: str = "sigmoid",
+    layers: int = 4,
 ) -> ModelConfig:
-    """The shipped demo architecture: tiny CNN tower, 4-layer Llama, LayerExperts on 1 and 3."""
+    """The demo architecture: tiny CNN tower, a small Llama decoder (4 layers unless told),
+    LayerExperts on every other layer (1, 3, ...)."""
     decoder = dict(
         vocab_size=vocab,
         hidden_size=128,
         intermediate_size=384,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
@@ -68,7 +74,9 @@ def demo_config(
         ),
         preprocess=PreprocessConfig(image_size=64),
         projector_hidden=128,
-        mod=ModConfig(keep_ratio=keep_ratio, layers=(1, 3), router="learned", gate=gate),
+        mod=ModConfig(
+            keep_ratio=keep_ratio, layers=tuple(range(1, layers, 2)), router="learned", gate=gate
+        ),
         template=demo_template(),
         has_layer_experts=True,
     )
@@ -103,6 +111,7 @@ class TrainConfig:
     distill_weight: float = 0.0  # weight of the KL toward the teacher (objective.compute_loss)
     gate: str = "sigmoid"  # how the routers weigh kept tokens' updates (ModConfig.gate)
     router_target: str = "scene"  # what router_loss ranks first (objective.ROUTER_TARGETS)
+    decoder_layers: int = 4  # decoder depth; layers beyond an --init-from run's start as identity
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -181,7 +190,9 @@ def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
 
     vocab = Tokenizer.from_file(str(tokenizer_json)).token_to_id(V_TOKEN)
     torch.manual_seed(tcfg.seed)
-    model = StreamingModel(demo_config(vocab, tcfg.keep_ratio, tcfg.tower_blocks, tcfg.gate))
+    model = StreamingModel(
+        demo_config(vocab, tcfg.keep_ratio, tcfg.tower_blocks, tcfg.gate, tcfg.decoder_layers)
+    )
     init_vision(model)
     return model
 
@@ -189,29 +200,45 @@ def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
 def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) -> None:
     """Start from another run's latest weights (not its optimizer or schedule).
 
-    Tensors the earlier model lacks must be residual tower blocks: they start at zero, so
-    the warm-started model computes exactly what the earlier one did.
+    Tensors the earlier model lacks must be residual tower blocks or decoder layers (and
+    their LayerExperts) past the earlier model's depth. Tower blocks start at zero; a new
+    decoder layer keeps its random init except its two output projections (attention o_proj,
+    MLP down_proj), which start at zero, so that it adds nothing to the residual stream. Either
+    way the warm-started model computes exactly what the earlier one did.
     """
     state = load_state(run_dir / STATE_FILE)
+    old_layers = TrainConfig(**_tuples(json.loads(state["train_config"]))).decoder_layers
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    foreign = [k for k in missing if not _is_tower_block(k)]
+    foreign = [k for k in missing if not _is_tower_block(k) and _new_layer(k, old_layers) < 0]
     if foreign or unexpected:
         raise SystemExit(
             f"--init-from {run_dir}: its model does not match this one (missing {foreign[:3]}, "
-            f"unexpected {unexpected[:3]}); use the same --keep-ratio / --full-compute"
+            f"unexpected {unexpected[:3]}); use the same --keep-ratio / --full-compute, and "
+            "--decoder-layers at least the earlier run's"
         )
     with torch.no_grad():
         params = dict(model.named_parameters())
         for k in missing:
-            params[k].zero_()
+            if k not in params:
+                continue  # a buffer
+            if _is_tower_block(k) or k.endswith(("o_proj.weight", "down_proj.weight")):
+                params[k].zero_()
     if heads is not None and state.get("aux"):
         heads.load_state_dict(state["aux"])
     log.info(
-        "weights from %s (step %d); %d new tower tensors at zero",
+        "weights from %s (step %d); %d new tensors (tower blocks at zero, new decoder layers "
+        "as identity)",
         run_dir,
         state["step"],
         len(missing),
     )
+
+
+def _new_layer(name: str, old_layers: int) -> int:
+    """The index of the decoder layer (or its LayerExpert) a tensor belongs to, when that
+    layer is past an earlier model's depth; -1 otherwise."""
+    m = re.search(r"(?:\.layers\.|\.experts\.)(\d+)\.", name)
+    return int(m.group(1)) if m and int(m.group(1)) >= old_layers else -1
 
 
 def _is_tower_block(name: str) -> bool:
@@ -447,6 +474,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="residual convs at the tower's last scale (0: the first demo model's tower)",
     )
     p.add_argument(
+        "--decoder-layers",
+        type=int,
+        default=4,
+        help="decoder depth, LayerExperts on every other layer; with --init-from, layers past "
+        "the earlier run's depth start as identity",
+    )
+    p.add_argument(
         "--init-from",
         default=None,
         metavar="RUN",
@@ -539,6 +573,7 @@ def main(argv: list[str]) -> int:
         distill_weight=args.distill_weight if args.distill_from else 0.0,
         gate=args.gate,
         router_target=args.router_target,
+        decoder_layers=args.decoder_layers,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
