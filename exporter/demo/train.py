@@ -551,6 +551,11 @@ def main(argv: list[str]) -> int:
         native = snapshot(Path(args.out), Path(args.snapshot), args.threshold)
         print(f"native checkpoint: {native}")
         return 0
+    if args.decoder_layers < 2:
+        raise SystemExit(
+            f"--decoder-layers {args.decoder_layers}: the decoder needs at least 2 layers "
+            "(LayerExperts sit on every other one: 1, 3, ...)"
+        )
     if args.router_target != "scene" and args.router_weight <= 0:
         raise SystemExit(
             f"--router-target {args.router_target} has no effect without the router loss: "
