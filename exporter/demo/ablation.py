@@ -335,6 +335,9 @@ def router_gates(model: StreamingModel, tok: Path, data: Sequence[Stream]) -> di
     out: dict[str, Any] = {"gate": mod.gate, "streams": len(data), "mean_kept_weight": {}}
     if not model.cfg.has_layer_experts or mod.router != "learned" or not 0 < mod.keep_ratio < 1:
         return out
+    if mod.gate == "straight":  # w = 1 by construction: nothing to measure
+        out["mean_kept_weight"] = {str(i): 1.0 for i in sorted(model.decoder.routed)}
+        return out
     t = Tokenizer.from_file(str(tok))
     ids = build_template_ids(t, dataclasses.asdict(model.cfg.template))
     v_id = t.token_to_id(model.cfg.template.v_token)
@@ -362,10 +365,7 @@ def router_gates(model: StreamingModel, tok: Path, data: Sequence[Stream]) -> di
             )
         for i, score in zip(kept, scores):
             kept[i].append(torch.sigmoid(score.topk(k, -1).values).flatten())
-    out["mean_kept_weight"] = {
-        str(i): 1.0 if mod.gate == "straight" else float(torch.cat(w).mean())
-        for i, w in kept.items()
-    }
+    out["mean_kept_weight"] = {str(i): float(torch.cat(w).mean()) for i, w in kept.items()}
     return out
 
 
