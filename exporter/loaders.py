@@ -397,6 +397,11 @@ def _vocab_rows(lm: nn.Module) -> int:
 # ---- tokenizer and template ----
 
 
+# Tokenizer copies with <v> added live until the process exits (the caller writes them into a
+# bundle or a native checkpoint); TemporaryDirectory's finalizer removes them then.
+_TOKENIZER_COPIES: list[tempfile.TemporaryDirectory] = []
+
+
 def prepare_tokenizer(path: Path, vocab_rows: int, *, exact: bool) -> Path:
     """Check `<v>` in tokenizer.json, or add it in a copy; returns the file to use.
 
@@ -431,7 +436,9 @@ def prepare_tokenizer(path: Path, vocab_rows: int, *, exact: bool) -> Path:
                 "vocab_size); use the adapter's own tokenizer.json"
             )
         tok.add_special_tokens([AddedToken(V_TOKEN, special=True, normalized=False)])
-        out = Path(tempfile.mkdtemp(prefix="onsight-tokenizer-")) / "tokenizer.json"
+        tmp = tempfile.TemporaryDirectory(prefix="onsight-tokenizer-")
+        _TOKENIZER_COPIES.append(tmp)  # kept until the process exits, then removed
+        out = Path(tmp.name) / "tokenizer.json"
         tok.save(str(out))
         log.info("%s has no %s; wrote a copy with it at id %d to %s", path, V_TOKEN, size, out)
         return out

@@ -222,3 +222,34 @@ def test_straight_through_gate_gives_kept_tokens_the_whole_update(demo_tok):
     assert grads["straight"] is not None and float(grads["straight"].abs()) > 0
     with pytest.raises(ValueError, match="unknown gate"):
         ModConfig(0.2, (1, 3), "learned", gate="soft")
+
+
+def test_keep_ratio_anneal_lowers_k_then_ships_the_configured_ratio(tmp_path):
+    """--anneal-keep-ratio: routed layers keep every token at first and k falls linearly to
+    the configured ratio; the routers learn through the dense steps too (their loss is
+    logged from step one); the saved model routes at the configured ratio."""
+    import json
+
+    from onsight.exporter.demo.train import keep_ratio_at, main, train
+    from onsight.exporter.model import load_native
+
+    cfg = TrainConfig(keep_ratio=0.2, steps=10, anneal_steps=4)
+    assert [keep_ratio_at(cfg, s) for s in (0, 2, 4, 9)] == [1.0, 0.6, 0.2, 0.2]
+    torch.set_num_threads(1)
+    run = dataclasses.replace(
+        cfg, seed=3, steps=6, batch_size=2, num_frames=6, warmup=1, gate="straight",
+        router_weight=1.0,
+    )  # fmt: skip
+    native = train(tmp_path / "a", run, "cpu", resume=False, minutes=None)
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in log] == [10, 8, 6, 4, 2, 2]
+    scene_only = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=6, keep_ratio=1.0)
+    train(tmp_path / "b", scene_only, "cpu", resume=False, minutes=None)
+    b = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[0])
+    assert log[0]["aux"] > b["aux"] + 0.5  # the router loss (~1 at init) counts while dense
+    model = load_native(native)[0]
+    assert model.cfg.mod.keep_ratio == 0.2 and model.decoder.k == 2
+    with pytest.raises(SystemExit, match="nothing to anneal"):
+        main(["--out", str(tmp_path / "c"), "--full-compute", "--anneal-keep-ratio", "5"])
+    with pytest.raises(SystemExit, match="between 0 and --steps"):
+        main(["--out", str(tmp_path / "c"), "--steps", "4", "--anneal-keep-ratio", "5"])

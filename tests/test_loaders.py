@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -356,3 +359,17 @@ def test_v_declared_on_a_taken_id(ck, tmp_path):
 def test_tokenizer_larger_than_embedding(ck):
     with pytest.raises(CheckpointError, match="more tokens than the LLM's"):
         prepare_tokenizer(ck.tok_plain, ck.vocab - 1, exact=False)
+
+
+def test_tokenizer_copy_is_removed_at_exit(ck):
+    # the copy with <v> added must not pile up in /tmp, one per load
+    code = (
+        "import sys; from pathlib import Path; "
+        "from onsight.exporter.loaders import prepare_tokenizer; "
+        f"out = prepare_tokenizer(Path({str(ck.tok_plain)!r}), {ck.vocab}, exact=False); "
+        "assert out.is_file() and '<v>' in out.read_text(); print(out)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    copy = Path(done.stdout.strip())
+    assert copy.name == "tokenizer.json" and not copy.parent.exists()

@@ -95,6 +95,11 @@ def batched_hidden(
     cos, sin = _rope_tables(dec, pos)
     for i in range(len(dec.layers)):
         if i not in dec.routed or k >= N:
+            if i in dec.routed and router_scores is not None and str(i) in dec.experts:
+                # every token kept (r = 1, e.g. early in a keep-ratio anneal): the routers
+                # still learn what to keep, for when the ratio falls
+                xv = x.gather(1, vis_idx[..., None].expand(-1, -1, hidden))
+                router_scores.append(dec.experts[str(i)](xv).view(B, nf, N))
             x = _block(dec, i, x, pos, (cos, sin), None)
             continue
         # Per-frame top-k of the LayerExpert's score: never across frames.

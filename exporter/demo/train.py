@@ -112,6 +112,10 @@ class TrainConfig:
     gate: str = "sigmoid"  # how the routers weigh kept tokens' updates (ModConfig.gate)
     router_target: str = "scene"  # what router_loss ranks first (objective.ROUTER_TARGETS)
     decoder_layers: int = 4  # decoder depth; layers beyond an --init-from run's start as identity
+    # steps over which the routed layers' training keep ratio falls linearly from 1 to
+    # keep_ratio (0: keep_ratio from the first step); lets a dense start (the twin's weights)
+    # get used to routing gradually instead of losing 80% of its vision tokens at once
+    anneal_steps: int = 0
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -120,6 +124,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def keep_ratio_at(cfg: TrainConfig, step: int) -> float:
+    """The routed layers' keep ratio at a step: linear from 1 to cfg.keep_ratio over anneal."""
+    if step >= cfg.anneal_steps:
+        return cfg.keep_ratio
+    return 1.0 - (1.0 - cfg.keep_ratio) * step / cfg.anneal_steps
 
 
 def stage_at(cfg: TrainConfig, step: int) -> int:
@@ -348,6 +359,7 @@ def train(
     elif tcfg.init_from:
         warm_start(model, heads, Path(tcfg.init_from))
     tpl = model.cfg.template
+    tpf = model.cfg.tokens_per_frame
     src = make_source(str(tok_path), tcfg, model.cfg.tokens_per_frame)
     interval_id = src.template.interval_id
     pool = ProcessPoolExecutor(
@@ -370,6 +382,9 @@ def train(
             batch = to_tensors(ahead.pop(step).result(), device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(tcfg, step)
+            if tcfg.anneal_steps:
+                r = keep_ratio_at(tcfg, step)
+                model.decoder.k = dataclasses.replace(model.cfg.mod, keep_ratio=r).k(tpf)
             parts = compute_loss(
                 model,
                 batch,
@@ -406,6 +421,7 @@ def train(
                 "speak_recall": round(parts.speak_recall, 3),
                 "silent_acc": round(parts.silent_acc, 3),
                 "distill": round(parts.distill, 4),
+                "k": model.decoder.k,
                 "grad_norm": round(gnorm, 3),
                 "elapsed_s": round(time.time() - t0, 1),
             }
@@ -434,6 +450,7 @@ def train(
         bar.close()
         logf.close()
         pool.shutdown(cancel_futures=True)
+        model.decoder.k = model.cfg.k  # the configured keep ratio, whatever step it stopped at
     native = out / f"native-step{step}"
     if native.exists():
         shutil.rmtree(native)
@@ -462,6 +479,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--keep-ratio", type=float, default=0.2, help="MoD keep ratio r")
     p.add_argument("--full-compute", action="store_true", help="the r = 1 twin")
+    p.add_argument(
+        "--anneal-keep-ratio",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="lower the routed layers' keep ratio linearly from 1 to --keep-ratio over the "
+        "first STEPS steps (for a start from dense weights, e.g. the twin's; 0: off)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--frames", type=int, default=24, help="frames per training stream")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -561,6 +586,16 @@ def main(argv: list[str]) -> int:
             f"--router-target {args.router_target} has no effect without the router loss: "
             "add --router-weight (e.g. 1)"
         )
+    if args.anneal_keep_ratio and (args.full_compute or args.keep_ratio >= 1.0):
+        raise SystemExit(
+            "--anneal-keep-ratio lowers the keep ratio toward --keep-ratio; the full-compute "
+            "twin (r = 1) has nothing to anneal: drop one of them"
+        )
+    if args.anneal_keep_ratio < 0 or args.anneal_keep_ratio > (args.steps or 3000):
+        raise SystemExit(
+            f"--anneal-keep-ratio {args.anneal_keep_ratio}: give a step count between 0 and "
+            f"--steps ({args.steps or 3000}), so the run ends at --keep-ratio"
+        )
     tcfg = TrainConfig(
         seed=args.seed,
         steps=args.steps or 3000,
@@ -579,6 +614,7 @@ def main(argv: list[str]) -> int:
         gate=args.gate,
         router_target=args.router_target,
         decoder_layers=args.decoder_layers,
+        anneal_steps=args.anneal_keep_ratio,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
