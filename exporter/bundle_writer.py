@@ -90,7 +90,13 @@ def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
                     f"--router learned: no LayerExpert for layers {missing}; route only the "
                     f"layers that have one ({sorted(int(x) for x in model.decoder.experts)})"
                 )
-        mod = ModConfig(keep_ratio=keep_ratio, layers=layers, router=router, gate=cfg.mod.gate)
+        mod = ModConfig(
+            keep_ratio=keep_ratio,
+            layers=layers,
+            router=router,
+            gate=cfg.mod.gate,
+            keep_last=cfg.mod.keep_last,
+        )
     except ValueError as e:
         raise ExportError(str(e)) from e
     new_cfg = cfg.replace(mod=mod)
@@ -164,6 +170,7 @@ def _manifest(
             "k": layout.k,
             "router": cfg.mod.router,
             "gate": cfg.mod.gate,
+            "keep_last": cfg.mod.keep_last,
             "routed_layers": list(dec.routed),
         },
         "kv": {

@@ -72,6 +72,10 @@ class ModConfig:
     # reaching the router only through the gradient (straight-through), so a router can
     # choose tokens but cannot switch the layer off for them.
     gate: str = "sigmoid"
+    # The frame's last vision token is where the speak-or-stay-silent decision is read; with
+    # keep_last it is always one of the k kept tokens (an output position, computed at full
+    # depth like text), and the router chooses the other k - 1. Same k, same FLOPs and KV.
+    keep_last: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.keep_ratio <= 1.0:

@@ -116,6 +116,19 @@ def evenly_spaced_scores(n: int | torch.Tensor, k: int) -> torch.Tensor:
     return -(j + later).to(torch.float32)
 
 
+def kept_indices(score: torch.Tensor, k: int, keep_last: bool) -> torch.Tensor:
+    """The k tokens a routed layer keeps, by score over the last dim (one frame's tokens);
+    with keep_last the frame's last token always comes first, and the other k - 1 are the
+    top scores among the rest (a static slice, TopK and Concat in the graph)."""
+    if not keep_last:
+        return torch.topk(score, k, dim=-1).indices
+    n = score.shape[-1]
+    last = torch.full((*score.shape[:-1], 1), n - 1, dtype=torch.int64, device=score.device)
+    if k == 1:
+        return last
+    return torch.cat([last, torch.topk(score[..., : n - 1], k - 1, dim=-1).indices], dim=-1)
+
+
 # A routed layer's cache: (k, v), each (kv_heads, capacity, head_dim), and a bool mask (capacity,)
 Past = tuple[torch.Tensor, torch.Tensor]
 
@@ -284,7 +297,8 @@ class ModDecoder(nn.Module):
             else:
                 text, vis = x[:Tt], x[Tt:]  # (Tt, hidden), (N, hidden)
                 score = self.scores(i, vis, novelty, positions[Tt:])  # (N,)
-                idx = torch.topk(score, self.k).indices  # (k,), per frame, never across frames
+                # (k,), per frame, never across frames
+                idx = kept_indices(score, self.k, self.cfg.mod.keep_last)
                 sel = vis[idx]  # (k, hidden)
                 pos = torch.cat([positions[:Tt], positions[Tt:][idx]])
                 out, k, v = self.block(i, torch.cat([text, sel], dim=0), pos, past[i], masks[i])

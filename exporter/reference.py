@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onsight.exporter.decoder import kept_indices
 from onsight.exporter.model import StreamingModel
 from onsight.runtime.kv_cache import KVLayout
 from onsight.runtime.kv_policy import EvictionPolicy, mod_capacity
@@ -166,7 +167,7 @@ def recompute_logits(model: StreamingModel, segments: list[Segment]) -> list[np.
                 )
                 novelty = 1.0 - cos - 1e-6 * torch.arange(N, dtype=torch.float32)
                 score = dec.scores(i, x[where], novelty, positions[where])
-                top = torch.topk(score, k).indices
+                top = kept_indices(score, k, dec.cfg.mod.keep_last)
                 active[where[top]] = True
                 if str(i) in dec.experts and dec.cfg.mod.gate == "sigmoid":
                     # the trained gate, whichever router selects (straight-through: w = 1)

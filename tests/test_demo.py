@@ -113,11 +113,14 @@ def _segments(ids: np.ndarray, emb: torch.Tensor, v_id: int) -> tuple[list[Segme
     return segs, ends
 
 
-@pytest.mark.parametrize("gate", ["sigmoid", "straight"])
-def test_batched_training_forward_equals_recompute_logits(demo_tok, gate):
+@pytest.mark.parametrize(
+    "gate,keep_last", [("sigmoid", False), ("straight", False), ("straight", True)]
+)
+def test_batched_training_forward_equals_recompute_logits(demo_tok, gate, keep_last):
     path, vocab, _ = demo_tok
     torch.manual_seed(0)
-    model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0, gate=gate)).eval()
+    tcfg = TrainConfig(keep_ratio=0.2, seed=0, gate=gate, keep_last=keep_last)
+    model = build_model(path, tcfg).eval()
     for expert in model.decoder.experts.values():  # spread scores so routing matters
         torch.nn.init.normal_(expert.proj.weight, std=0.5)
     src = make_source(str(path), TrainConfig(batch_size=2, num_frames=6), 10)

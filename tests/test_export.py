@@ -268,3 +268,41 @@ def test_straight_through_gate_exports_with_parity(native_model, tmp_path):
     written = json.loads((out / "bundle.json").read_text())
     assert written["mod"]["gate"] == "straight"
     _validate_schema(written)
+
+
+def test_keep_last_always_routes_the_decision_token(native_model, tmp_path):
+    """keep_last: every routed layer keeps each frame's last vision token (where the speak
+    decision is read) as one of its k, whichever router chooses the rest; the graphs do the
+    same (parity) and bundle.json says so."""
+    from onsight.exporter.reference import TorchStepper
+
+    model, tok = native_model
+    mod = dataclasses.replace(model.cfg.mod, keep_last=True)
+    keep = model.with_config(model.cfg.replace(mod=mod))
+    N, k = keep.cfg.tokens_per_frame, keep.cfg.k
+    hidden = keep.decoder.embed.weight.shape[1]
+    kept_seen = []
+
+    class Spy(TorchStepper):
+        def run_frame(self, *args):
+            out = super().run_frame(*args)
+            kept_seen.append(out[3])
+            return out
+
+    for router in ("learned", "random", "uniform"):
+        m = keep.with_config(keep.cfg.replace(mod=dataclasses.replace(mod, router=router)))
+        stepper = Spy(m, capacity=256)
+        rng = np.random.default_rng(1)
+        for f in range(6):
+            stepper.frame([], rng.standard_normal((N, hidden)).astype(np.float32) * 3, f)
+    assert len(kept_seen) == 18
+    for per_layer in kept_seen:
+        assert len(per_layer) == 2
+        for idx in per_layer:
+            assert len(idx) == k and N - 1 in idx.tolist()
+    out, manifest = export_bundle(keep, tok, tmp_path / "b", ExportOptions(kv_capacity=256))
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_logit_error"] < 1e-4
+    assert check_graph(out / "frame_step.onnx") == [], "graph must stay TensorRT-parsable"
+    written = json.loads((out / "bundle.json").read_text())
+    assert written["mod"]["keep_last"] is True and written["mod"]["k"] == k
+    _validate_schema(written)

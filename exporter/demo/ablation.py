@@ -27,6 +27,7 @@ from typing import Any
 
 from onsight.exporter.bench_report import LMDims
 from onsight.exporter.bundle_writer import ExportOptions, apply_options, export_bundle
+from onsight.exporter.decoder import kept_indices
 from onsight.exporter.demo.evaluate import (
     HELD_OUT_SEED,
     BundleNarrator,
@@ -364,7 +365,8 @@ def router_gates(model: StreamingModel, tok: Path, data: Sequence[Stream]) -> di
                 scores,
             )
         for i, score in zip(kept, scores):
-            kept[i].append(torch.sigmoid(score.topk(k, -1).values).flatten())
+            top = kept_indices(score, k, mod.keep_last)
+            kept[i].append(torch.sigmoid(score.gather(-1, top)).flatten())
     out["mean_kept_weight"] = {str(i): float(torch.cat(w).mean()) for i, w in kept.items()}
     return out
 

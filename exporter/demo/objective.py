@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onsight.exporter.decoder import kept_indices
 from onsight.exporter.demo.data import IGNORE
 from onsight.exporter.model import StreamingModel
 from onsight.runtime.synthetic.grammar import COLOURS
@@ -107,10 +108,10 @@ def batched_hidden(
         score = dec.experts[str(i)](xv).view(B, nf, N)
         if router_scores is not None:  # the caller's router loss reads them
             router_scores.append(score)
-        top = score.topk(k, dim=-1)
-        kept = frame_pos.gather(2, top.indices).reshape(B, nf * k)
+        top = kept_indices(score, k, model.cfg.mod.keep_last)  # (B, nf, k)
+        kept = frame_pos.gather(2, top).reshape(B, nf * k)
         active = (~is_vis).scatter(1, kept, True)
-        gate = torch.sigmoid(top.values).reshape(B, nf * k).to(x.dtype)
+        gate = torch.sigmoid(score.gather(2, top)).reshape(B, nf * k).to(x.dtype)
         if model.cfg.mod.gate == "straight":
             gate = 1.0 + gate - gate.detach()  # w = 1 forward, the sigmoid's gradient back
         weight = torch.ones(B, L, dtype=x.dtype, device=x.device).scatter(1, kept, gate)

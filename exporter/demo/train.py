@@ -44,6 +44,7 @@ def demo_config(
     tower_blocks: int = 0,
     gate: str = "sigmoid",
     layers: int = 4,
+    keep_last: bool = False,
 ) -> ModelConfig:
     """The demo architecture: tiny CNN tower, a small Llama decoder (4 layers unless told),
     LayerExperts on every other layer (1, 3, ...)."""
@@ -75,7 +76,11 @@ def demo_config(
         preprocess=PreprocessConfig(image_size=64),
         projector_hidden=128,
         mod=ModConfig(
-            keep_ratio=keep_ratio, layers=tuple(range(1, layers, 2)), router="learned", gate=gate
+            keep_ratio=keep_ratio,
+            layers=tuple(range(1, layers, 2)),
+            router="learned",
+            gate=gate,
+            keep_last=keep_last,
         ),
         template=demo_template(),
         has_layer_experts=True,
@@ -116,6 +121,7 @@ class TrainConfig:
     # keep_ratio (0: keep_ratio from the first step); lets a dense start (the twin's weights)
     # get used to routing gradually instead of losing 80% of its vision tokens at once
     anneal_steps: int = 0
+    keep_last: bool = False  # routed layers always keep the frame's last token (ModConfig)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -202,7 +208,14 @@ def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
     vocab = Tokenizer.from_file(str(tokenizer_json)).token_to_id(V_TOKEN)
     torch.manual_seed(tcfg.seed)
     model = StreamingModel(
-        demo_config(vocab, tcfg.keep_ratio, tcfg.tower_blocks, tcfg.gate, tcfg.decoder_layers)
+        demo_config(
+            vocab,
+            tcfg.keep_ratio,
+            tcfg.tower_blocks,
+            tcfg.gate,
+            tcfg.decoder_layers,
+            tcfg.keep_last,
+        )
     )
     init_vision(model)
     return model
@@ -408,7 +421,8 @@ def train(
                 # Fit the schedule to the budget once; the checkpoint remembers the result.
                 per_step = (time.time() - t0) / 5
                 fitted = max(step + 1, int(minutes * 60 / per_step))
-                tcfg = dataclasses.replace(tcfg, steps=fitted)
+                anneal = min(tcfg.anneal_steps, fitted)  # the run still ends at keep_ratio
+                tcfg = dataclasses.replace(tcfg, steps=fitted, anneal_steps=anneal)
                 bar.total = fitted
                 log.info("%.1f s/step: the schedule is fitted to %d steps", per_step, fitted)
             rec = {
@@ -479,6 +493,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--keep-ratio", type=float, default=0.2, help="MoD keep ratio r")
     p.add_argument("--full-compute", action="store_true", help="the r = 1 twin")
+    p.add_argument(
+        "--keep-last",
+        action="store_true",
+        help="routed layers always keep each frame's last vision token, where the speak "
+        "decision is read (one of the k; the routers choose the rest)",
+    )
     p.add_argument(
         "--anneal-keep-ratio",
         type=int,
@@ -615,6 +635,7 @@ def main(argv: list[str]) -> int:
         router_target=args.router_target,
         decoder_layers=args.decoder_layers,
         anneal_steps=args.anneal_keep_ratio,
+        keep_last=args.keep_last,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
