@@ -60,7 +60,8 @@ def describe(path: str | Path, as_json: bool = False, budget_mb: float = 1024.0)
         f"{mo['parameters'] / 1e6:.1f}M params, {mo['dtype']}",
         f"  vision    {s['vision']['kind']}, {s['image_size']} px, {s['vision']['tokens_per_frame']} tokens/frame",
         f"  MoD       keep ratio {mod['keep_ratio']} (k={mod['k']}), router {mod['router']}, "
-        f"routed layers {mod['routed_layers'] or 'none'}",
+        f"routed layers {mod['routed_layers'] or 'none'}"
+        + (", each frame's last token always kept" if mod.get("keep_last") else ""),
         f"  KV        {kv['dtype']}, {kv['capacity_dense_tokens']} tokens/dense layer, "
         f"{kv['capacity_mod_tokens']} tokens/routed layer, cache {_mb(kv['cache_bytes'])}",
         f"            per frame: dense {_mb(kv['bytes_per_frame_dense'])}, MoD {_mb(kv['bytes_per_frame_mod'])} "
