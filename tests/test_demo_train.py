@@ -251,5 +251,7 @@ def test_keep_ratio_anneal_lowers_k_then_ships_the_configured_ratio(tmp_path):
     assert model.cfg.mod.keep_ratio == 0.2 and model.decoder.k == 2
     with pytest.raises(SystemExit, match="nothing to anneal"):
         main(["--out", str(tmp_path / "c"), "--full-compute", "--anneal-keep-ratio", "5"])
+    with pytest.raises(SystemExit, match="keeps every token"):
+        main(["--out", str(tmp_path / "c"), "--full-compute", "--keep-last"])
     with pytest.raises(SystemExit, match="between 0 and --steps"):
         main(["--out", str(tmp_path / "c"), "--steps", "4", "--anneal-keep-ratio", "5"])

@@ -373,7 +373,7 @@ def train(
         warm_start(model, heads, Path(tcfg.init_from))
     tpl = model.cfg.template
     tpf = model.cfg.tokens_per_frame
-    src = make_source(str(tok_path), tcfg, model.cfg.tokens_per_frame)
+    src = make_source(str(tok_path), tcfg, tpf)
     interval_id = src.template.interval_id
     pool = ProcessPoolExecutor(
         1,
@@ -605,6 +605,11 @@ def main(argv: list[str]) -> int:
         raise SystemExit(
             f"--router-target {args.router_target} has no effect without the router loss: "
             "add --router-weight (e.g. 1)"
+        )
+    if args.keep_last and (args.full_compute or args.keep_ratio >= 1.0):
+        raise SystemExit(
+            "--keep-last chooses which tokens routed layers keep; the full-compute twin "
+            "(r = 1) keeps every token: drop one of them"
         )
     if args.anneal_keep_ratio and (args.full_compute or args.keep_ratio >= 1.0):
         raise SystemExit(
