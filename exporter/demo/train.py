@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from onsight.exporter.config import GATES, ModConfig, ModelConfig, PreprocessConfig, VisionConfig
+from onsight.exporter.config import (
+    GATES,
+    ModConfig,
+    ModelConfig,
+    PreprocessConfig,
+    VisionConfig,
+    interleaved_layers,
+)
 from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource
 from onsight.exporter.demo.objective import ROUTER_TARGETS, compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
@@ -77,7 +84,7 @@ def demo_config(
         projector_hidden=128,
         mod=ModConfig(
             keep_ratio=keep_ratio,
-            layers=tuple(range(1, layers, 2)),
+            layers=interleaved_layers(layers),
             router="learned",
             gate=gate,
             keep_last=keep_last,
