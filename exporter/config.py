@@ -44,6 +44,10 @@ class VisionConfig:
     # residual 3x3 stride-1 convs at the tiny tower's last scale: each widens a patch's view
     # by 16 px, enough to see a whole object's shape, not only the part in its own cell
     tiny_blocks: int = 0
+    # a learned embedding per patch-grid cell added to the tiny tower's patch tokens, as
+    # SigLIP's patch embeddings carry their position: without it a frame token's content
+    # says what is there but not where, and RoPE moves only attention scores, not values
+    tiny_pos_embed: bool = False
 
     @property
     def tokens_per_frame(self) -> int:

@@ -53,7 +53,8 @@ class ResidualConv(nn.Module):
 
 class TinyTower(nn.Module):
     """onsight's own small CNN tower (the demo model): strided convs to a patch grid, then
-    `tiny_blocks` residual convs at that grid."""
+    `tiny_blocks` residual convs at that grid, then (`tiny_pos_embed`) a learned embedding of
+    each patch's place in the grid."""
 
     def __init__(self, cfg: VisionConfig, image_size: int):
         super().__init__()
@@ -67,10 +68,18 @@ class TinyTower(nn.Module):
         self.proj = nn.Linear(c_in, cfg.hidden_size)
         self.pool_head = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.side = image_size // (2 ** len(cfg.tiny_channels))
+        # starts at zero: a warm start from a tower without it computes what that tower did
+        self.pos = (
+            nn.Parameter(torch.zeros(self.side * self.side, cfg.hidden_size))
+            if cfg.tiny_pos_embed
+            else None
+        )
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.convs(pixels)  # (B, C, h, w)
         patches = self.proj(f.flatten(2).transpose(1, 2))  # (B, h*w, hidden)
+        if self.pos is not None:
+            patches = patches + self.pos
         pooled = self.pool_head(patches.mean(dim=1))  # (B, hidden)
         return pooled, patches
 

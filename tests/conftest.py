@@ -55,7 +55,9 @@ def make_tiny_model(vocab: int, r: float = 0.2, max_new_tokens: int = 4, seed: i
 
     cfg = ModelConfig(
         decoder=llama_config(vocab),
-        vision=VisionConfig(kind="tiny", hidden_size=32, tiny_channels=(8, 16), tiny_blocks=1),
+        vision=VisionConfig(
+            kind="tiny", hidden_size=32, tiny_channels=(8, 16), tiny_blocks=1, tiny_pos_embed=True
+        ),
         preprocess=PreprocessConfig(image_size=32),
         mod=ModConfig(keep_ratio=r, layers=(1, 3), router="learned"),
         template=TemplateConfig(system_prompt="You narrate video.", max_new_tokens=max_new_tokens),
@@ -65,6 +67,7 @@ def make_tiny_model(vocab: int, r: float = 0.2, max_new_tokens: int = 4, seed: i
     model = StreamingModel(cfg).eval()
     for e in model.decoder.experts.values():
         torch.nn.init.normal_(e.proj.weight, std=1.0)
+    torch.nn.init.normal_(model.encoder.tower.pos, std=0.5)  # it starts at zero: make it count
     return model
 
 

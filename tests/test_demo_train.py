@@ -47,8 +47,9 @@ def test_train_demo_reproduces_weights_from_the_seed_and_resumes_exactly(tmp_pat
 
 
 def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
-    """--init-from: a run with a residual tower block starts from an earlier run's weights and
-    computes exactly what it did (the new block starts at zero), then trains the block."""
+    """--init-from: a run with a residual tower block and the patch position embedding starts
+    from an earlier run's weights and computes exactly what it did (both start at zero), then
+    trains them."""
     from safetensors.torch import load_file
 
     from onsight.exporter.demo.train import train
@@ -58,12 +59,18 @@ def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
     base = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
     first = train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
     tuned_cfg = dataclasses.replace(
-        base, steps=0, tower_blocks=1, init_from=str(tmp_path / "a"), stage_fractions=(0.0, 0.0)
+        base,
+        steps=0,
+        tower_blocks=1,
+        pos_embed=True,
+        init_from=str(tmp_path / "a"),
+        stage_fractions=(0.0, 0.0),
     )
     start = train(tmp_path / "b", tuned_cfg, "cpu", resume=False, minutes=None)
     old, _ = load_native(first)
     new, _ = load_native(start)
     assert new.cfg.vision.tiny_blocks == 1 and old.cfg.vision.tiny_blocks == 0
+    assert new.cfg.vision.tiny_pos_embed and not old.cfg.vision.tiny_pos_embed
     frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(old.encoder(frames), new.encoder(frames))
@@ -72,6 +79,8 @@ def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
     )
     block = load_file(str(Path(tuned) / "model.safetensors"))
     assert any(".tower.convs.6.conv." in k and block[k].abs().sum() > 0 for k in block)
+    pos = [block[k] for k in block if k.endswith(".tower.pos")]
+    assert len(pos) == 1 and pos[0].shape == (64, 96) and pos[0].abs().sum() > 0
 
     with pytest.raises(SystemExit, match="no train_state.pt"):
         bad = dataclasses.replace(tuned_cfg, init_from=str(tmp_path / "nowhere"))

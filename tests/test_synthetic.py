@@ -27,6 +27,7 @@ from onsight.runtime.synthetic import (
     render_demo_video,
     score_narrations,
     vocabulary,
+    wrong_details,
 )
 from onsight.runtime.synthetic.grammar import all_narrations, all_questions, answers_for
 from onsight.runtime.synthetic.world import PALETTE
@@ -301,6 +302,47 @@ def test_wrong_words_right_time(truth: Stream) -> None:
     global_kinds = {EventKind.DIM, EventKind.BRIGHTEN, EventKind.CUT}
     n_global = sum(e.kind in global_kinds for e in truth.events)
     assert report.exact.n_matched == n_global
+
+
+def test_wrong_details_say_what_was_wrong(streams: list[Stream]) -> None:
+    """A move said of another object in view, a move in the wrong direction and a move of an
+    object nobody can see are told apart; exact narrations are not counted."""
+    wrong: dict[str, int] = {}
+    n = 0
+    for stream in streams:
+        said = []
+        for e, (t, text) in zip(stream.events, stream.narrations(), strict=True):
+            if e.kind is EventKind.MOVE:
+                others = [
+                    o for o in stream.states[e.frame_index].objects if o.object_id != e.object_id
+                ]
+                shown = {(o.colour, o.shape) for o in stream.states[e.frame_index].objects}
+                shown |= {(o.colour, o.shape) for o in stream.states[e.frame_index - 1].objects}
+                unseen = next(
+                    (c, s)
+                    for c in ("red", "blue", "green", "yellow")
+                    for s in ("star", "circle")
+                    if (c, s) not in shown
+                )
+                direction = next(d for d in ("left", "right", "up", "down") if d != e.direction)
+                why = ["direction", "object not in view", "object in view"][n % 3]
+                if why == "object in view" and not others:
+                    why = "direction"
+                if why == "direction":
+                    text = narrate(e.kind, e.colour, e.shape, direction)
+                elif why == "object not in view":
+                    text = narrate(e.kind, *unseen, e.direction)
+                else:
+                    text = narrate(e.kind, others[0].colour, others[0].shape, e.direction)
+                wrong[why] = wrong.get(why, 0) + 1
+                n += 1
+            said.append((t, text))
+        report = score_narrations(said, stream.events)
+        got = wrong_details(said, stream.events, stream.states, report)
+        for why, count in got.get("move", {}).items():
+            wrong[why] -= count
+        assert set(got) <= {"move"}  # the other events were said exactly
+    assert n >= 3 and set(wrong.values()) == {0}
 
 
 def test_question_accuracy(truth: Stream) -> None:

@@ -247,6 +247,7 @@ def run_variant(
         "vision_flops_full": full["total"],
         "flops_vs_full": flops["total"] / full["total"],
         "linear_flops_vs_full": flops["linear"] / full["linear"],
+        "wrong_details": scores["wrong_details"],
         "f1_exact": narr["exact"]["f1"],
         "f1_kind": narr["kind"]["f1"],
         "recall_by_kind_exact": narr["exact"]["recall_by_kind"],

@@ -54,6 +54,7 @@ from onsight.runtime.synthetic import (
     generate_stream,
     question_accuracy,
     score_narrations,
+    wrong_details,
 )
 
 if TYPE_CHECKING:
@@ -194,6 +195,21 @@ def pool_scores(results: Sequence[StreamResult], streams: Sequence[Stream], wind
                 c.totals_by_kind[k] = c.totals_by_kind.get(k, 0) + 1
                 c.hits_by_kind[k] = c.hits_by_kind.get(k, 0) + (i in matched)
     return {m: c.summary() for m, c in pooled.items()}
+
+
+def pool_wrong_details(
+    results: Sequence[StreamResult], streams: Sequence[Stream], window_s: float
+) -> dict[str, dict[str, int]]:
+    """`wrong_details` summed over streams: {event kind: {what was wrong: count}}."""
+    pooled: dict[str, dict[str, int]] = {}
+    for res, stream in zip(results, streams, strict=True):
+        report = score_narrations(res.predictions, stream.events, window_s=window_s)
+        details = wrong_details(res.predictions, stream.events, stream.states, report)
+        for kind, reasons in details.items():
+            into = pooled.setdefault(kind, {})
+            for why, n in reasons.items():
+                into[why] = into.get(why, 0) + n
+    return {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in sorted(pooled.items())}
 
 
 @dataclass
@@ -365,6 +381,8 @@ def score_narrator(
     scores: dict[str, object] = {
         "threshold": narrator.threshold,
         "narration": pool_scores(results, data, window_s),
+        # the narrations of the right kind with the wrong text: what they got wrong
+        "wrong_details": pool_wrong_details(results, data, window_s),
         "question_accuracy": question_accuracy(answers, expected) if expected else None,
         "question_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "n_questions": len(expected),
@@ -440,6 +458,9 @@ def markdown(report: dict) -> str:
     ]
     for k, r in ex["recall_by_kind"].items():
         rows.append(f"| recall: {k} ({ex['events_by_kind'][k]} events) | {r:.3f} |")
+    for k, reasons in report.get("wrong_details", {}).items():
+        said = ", ".join(f"{why} {n}" for why, n in reasons.items())
+        rows.append(f"| right kind, wrong text: {k} | {said} |")
     qa = report["question_accuracy"]
     rows.append(
         f"| question accuracy ({report['n_questions']} questions) | "

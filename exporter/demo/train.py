@@ -52,6 +52,7 @@ def demo_config(
     gate: str = "sigmoid",
     layers: int = 4,
     keep_last: bool = False,
+    pos_embed: bool = False,
 ) -> ModelConfig:
     """The demo architecture: tiny CNN tower, a small Llama decoder (4 layers unless told),
     LayerExperts on every other layer (1, 3, ...)."""
@@ -79,6 +80,7 @@ def demo_config(
             grid=3,
             tiny_channels=(24, 48, 96),
             tiny_blocks=tower_blocks,
+            tiny_pos_embed=pos_embed,
         ),
         preprocess=PreprocessConfig(image_size=64),
         projector_hidden=128,
@@ -129,6 +131,7 @@ class TrainConfig:
     # get used to routing gradually instead of losing 80% of its vision tokens at once
     anneal_steps: int = 0
     keep_last: bool = False  # routed layers always keep the frame's last token (ModConfig)
+    pos_embed: bool = False  # the tower's patch tokens carry their grid cell (VisionConfig)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -222,6 +225,7 @@ def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
             tcfg.gate,
             tcfg.decoder_layers,
             tcfg.keep_last,
+            tcfg.pos_embed,
         )
     )
     init_vision(model)
@@ -231,8 +235,9 @@ def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
 def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) -> None:
     """Start from another run's latest weights (not its optimizer or schedule).
 
-    Tensors the earlier model lacks must be residual tower blocks or decoder layers (and
-    their LayerExperts) past the earlier model's depth. Tower blocks start at zero; a new
+    Tensors the earlier model lacks must be residual tower blocks, the tower's position
+    embedding, or decoder layers (and their LayerExperts) past the earlier model's depth.
+    Tower blocks and the position embedding start at zero; a new
     decoder layer keeps its random init except its two output projections (attention o_proj,
     MLP down_proj), which start at zero, so that it adds nothing to the residual stream. Either
     way the warm-started model computes exactly what the earlier one did.
@@ -273,8 +278,9 @@ def _new_layer(name: str, old_layers: int) -> int:
 
 
 def _is_tower_block(name: str) -> bool:
-    # residual blocks sit after the 2 x len(tiny_channels) strided conv / GELU modules
-    return ".tower.convs." in name and ".conv." in name
+    # residual blocks sit after the 2 x len(tiny_channels) strided conv / GELU modules; the
+    # patch position embedding is new tower state of the same kind (it starts at zero)
+    return (".tower.convs." in name and ".conv." in name) or name.endswith(".tower.pos")
 
 
 @torch.no_grad()
@@ -507,6 +513,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "decision is read (one of the k; the routers choose the rest)",
     )
     p.add_argument(
+        "--pos-embed",
+        action="store_true",
+        help="a learned embedding of each patch's grid cell in the tower's tokens, so frame "
+        "tokens say where things are (with --init-from a tower without it, it starts at zero)",
+    )
+    p.add_argument(
         "--anneal-keep-ratio",
         type=int,
         default=0,
@@ -648,6 +660,7 @@ def main(argv: list[str]) -> int:
         decoder_layers=args.decoder_layers,
         anneal_steps=args.anneal_keep_ratio,
         keep_last=args.keep_last,
+        pos_embed=args.pos_embed,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None

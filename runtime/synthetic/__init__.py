@@ -26,6 +26,7 @@ from .metrics import (
     match_narrations,
     question_accuracy,
     score_narrations,
+    wrong_details,
 )
 from .video import DemoVideo, render_demo_video
 from .world import (
@@ -75,5 +76,6 @@ __all__ = [
     "questions_for_state",
     "render_demo_video",
     "score_narrations",
+    "wrong_details",
     "vocabulary",
 ]

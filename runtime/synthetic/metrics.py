@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .grammar import normalise, parse_narration
-from .world import Event, Question
+from .world import Event, FrameState, Question
 
 MODES: tuple[str, ...] = ("exact", "kind", "timing")
 
@@ -154,6 +154,48 @@ def score_narrations(
     return NarrationReport(exact=exact, kind=kind, timing=timing)
 
 
+def wrong_details(
+    predictions: Sequence[Prediction],
+    events: Sequence[Event],
+    states: Sequence[FrameState],
+    report: NarrationReport,
+) -> dict[str, dict[str, int]]:
+    """What was wrong in the narrations that named the right kind of event but not the exact
+    text, per event kind: {kind: {reason: count}}.
+
+    Reasons, joined with "+" when several apply: "object in view" (named another object that
+    was in the frame), "object not in view" (an object the frame did not show), "direction",
+    "new colour". Read against the kind-mode matches, so each counts once per event.
+    """
+    exact = {i for i, _ in report.exact.matches}
+    out: dict[str, dict[str, int]] = {}
+    for i, j in report.kind.matches:
+        if i in exact:
+            continue
+        e, said = events[i], parse_narration(predictions[j][1])
+        if said is None:
+            continue
+        reasons = []
+        if (said.colour, said.shape) != (e.colour, e.shape):
+            # a leaving object may be gone from its event frame: look one frame back too
+            shown = {
+                (o.colour, o.shape)
+                for f in (e.frame_index, max(0, e.frame_index - 1))
+                for o in states[f].objects
+                if o.object_id != e.object_id
+            }
+            seen = (said.colour, said.shape) in shown
+            reasons.append("object in view" if seen else "object not in view")
+        if said.direction != e.direction:
+            reasons.append("direction")
+        if said.new_colour != e.new_colour:
+            reasons.append("new colour")
+        why = "+".join(reasons) or "wording"
+        by_kind = out.setdefault(e.kind.value, {})
+        by_kind[why] = by_kind.get(why, 0) + 1
+    return out
+
+
 def question_accuracy(predicted: Sequence[str], expected: Sequence[str | Question]) -> float:
     """Fraction of answers equal to the expected ones after normalisation."""
     if len(predicted) != len(expected):
@@ -172,4 +214,5 @@ __all__ = [
     "match_narrations",
     "question_accuracy",
     "score_narrations",
+    "wrong_details",
 ]
