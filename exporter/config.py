@@ -108,10 +108,13 @@ def exit_layers(num_layers: int, exit_at: int) -> tuple[int, ...]:
 
 
 def parse_mod_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """`interleaved` | `all` | `none` | `from:E` (layers E and later) | a list like `1,3,5`."""
+    """`interleaved` (1, 3, ...) | `interleaved-even` (0, 2, ...) | `all` | `none` | `from:E`
+    (layers E and later) | a list like `1,3,5`."""
     spec = spec.strip().lower()
     if spec == "interleaved":
         return interleaved_layers(num_layers)
+    if spec == "interleaved-even":
+        return tuple(range(0, num_layers, 2))
     if spec == "all":
         return tuple(range(num_layers))
     if spec in ("none", ""):
@@ -128,7 +131,8 @@ def parse_mod_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         layers = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
     except ValueError as e:
         raise ValueError(
-            f"--mod-layers {spec!r}: use interleaved, all, none, from:E or a list like 1,3,5"
+            f"--mod-layers {spec!r}: use interleaved, interleaved-even, all, none, from:E or a "
+            "list like 1,3,5"
         ) from e
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:

@@ -114,13 +114,22 @@ def _segments(ids: np.ndarray, emb: torch.Tensor, v_id: int) -> tuple[list[Segme
 
 
 @pytest.mark.parametrize(
-    "gate,keep_last", [("sigmoid", False), ("straight", False), ("straight", True)]
+    "gate,keep_last,mod_layers",
+    [
+        ("sigmoid", False, "interleaved"),
+        ("straight", False, "interleaved"),
+        ("straight", True, "interleaved"),
+        ("straight", False, "interleaved-even"),
+    ],
 )
-def test_batched_training_forward_equals_recompute_logits(demo_tok, gate, keep_last):
+def test_batched_training_forward_equals_recompute_logits(demo_tok, gate, keep_last, mod_layers):
     path, vocab, _ = demo_tok
     torch.manual_seed(0)
-    tcfg = TrainConfig(keep_ratio=0.2, seed=0, gate=gate, keep_last=keep_last)
+    tcfg = TrainConfig(
+        keep_ratio=0.2, seed=0, gate=gate, keep_last=keep_last, mod_layers=mod_layers
+    )
     model = build_model(path, tcfg).eval()
+    assert model.decoder.routed == ((0, 2) if mod_layers == "interleaved-even" else (1, 3))
     for expert in model.decoder.experts.values():  # spread scores so routing matters
         torch.nn.init.normal_(expert.proj.weight, std=0.5)
     src = make_source(str(path), TrainConfig(batch_size=2, num_frames=6), 10)

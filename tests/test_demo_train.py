@@ -264,3 +264,23 @@ def test_keep_ratio_anneal_lowers_k_then_ships_the_configured_ratio(tmp_path):
         main(["--out", str(tmp_path / "c"), "--full-compute", "--keep-last"])
     with pytest.raises(SystemExit, match="between 0 and --steps"):
         main(["--out", str(tmp_path / "c"), "--steps", "4", "--anneal-keep-ratio", "5"])
+
+
+def test_warm_start_with_other_routed_layers(tmp_path):
+    """--mod-layers interleaved-even from a run that routed 1, 3 (e.g. the twin's weights):
+    everything but the routers carries over; the routers of layers 0 and 2 start fresh."""
+    from onsight.exporter.demo.train import train
+    from onsight.exporter.model import load_native
+
+    torch.set_num_threads(1)
+    base = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=6, warmup=1, keep_ratio=1.0)
+    first = train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
+    even = dataclasses.replace(
+        base, steps=0, keep_ratio=0.2, mod_layers="interleaved-even", init_from=str(tmp_path / "a")
+    )
+    start = train(tmp_path / "b", even, "cpu", resume=False, minutes=None)
+    (old, _), (new, _) = load_native(first), load_native(start)
+    assert new.decoder.routed == (0, 2) and sorted(new.decoder.experts) == ["0", "2"]
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    shared = [k for k in new_sd if ".experts." not in k]
+    assert all(torch.equal(old_sd[k], new_sd[k]) for k in shared)

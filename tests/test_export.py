@@ -270,6 +270,18 @@ def test_straight_through_gate_exports_with_parity(native_model, tmp_path):
     _validate_schema(written)
 
 
+def test_routing_the_even_layers_exports_with_parity(native_model, tmp_path):
+    """--mod-layers interleaved-even routes layers 0, 2: the first layer routes the frame
+    tokens as they come from the projector, and the graphs still match the reference."""
+    model, tok = native_model
+    opts = ExportOptions(kv_capacity=256, mod_layers="interleaved-even", router="uniform")
+    out, manifest = export_bundle(model, tok, tmp_path / "b", opts)
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_logit_error"] < 1e-4
+    written = json.loads((out / "bundle.json").read_text())
+    assert written["mod"]["routed_layers"] == [0, 2]
+    _validate_schema(written)
+
+
 def test_keep_last_always_routes_the_decision_token(native_model, tmp_path):
     """keep_last: every routed layer keeps each frame's last vision token (where the speak
     decision is read) as one of its k, whichever router chooses the rest; the graphs do the

@@ -30,7 +30,7 @@ from onsight.exporter.config import (
     ModelConfig,
     PreprocessConfig,
     VisionConfig,
-    interleaved_layers,
+    parse_mod_layers,
 )
 from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource
 from onsight.exporter.demo.objective import ROUTER_TARGETS, compute_loss
@@ -53,6 +53,7 @@ def demo_config(
     layers: int = 4,
     keep_last: bool = False,
     pos_embed: bool = False,
+    mod_layers: str = "interleaved",
 ) -> ModelConfig:
     """The demo architecture: tiny CNN tower, a small Llama decoder (4 layers unless told),
     LayerExperts on every other layer (1, 3, ...)."""
@@ -86,7 +87,7 @@ def demo_config(
         projector_hidden=128,
         mod=ModConfig(
             keep_ratio=keep_ratio,
-            layers=interleaved_layers(layers),
+            layers=parse_mod_layers(mod_layers, layers),
             router="learned",
             gate=gate,
             keep_last=keep_last,
@@ -132,6 +133,9 @@ class TrainConfig:
     anneal_steps: int = 0
     keep_last: bool = False  # routed layers always keep the frame's last token (ModConfig)
     pos_embed: bool = False  # the tower's patch tokens carry their grid cell (VisionConfig)
+    # which decoder layers route (config.parse_mod_layers): "interleaved" routes 1, 3, ...;
+    # "interleaved-even" routes 0, 2, ..., so the last layer reads every vision token's KV
+    mod_layers: str = "interleaved"
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -226,6 +230,7 @@ def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
             tcfg.decoder_layers,
             tcfg.keep_last,
             tcfg.pos_embed,
+            tcfg.mod_layers,
         )
     )
     init_vision(model)
@@ -240,11 +245,21 @@ def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) ->
     Tower blocks and the position embedding start at zero; a new
     decoder layer keeps its random init except its two output projections (attention o_proj,
     MLP down_proj), which start at zero, so that it adds nothing to the residual stream. Either
-    way the warm-started model computes exactly what the earlier one did.
+    way the warm-started model computes exactly what the earlier one did (up to its routing,
+    when `mod_layers` differs from the earlier run's: then the LayerExperts start fresh).
     """
     state = load_state(run_dir / STATE_FILE)
     old_layers = TrainConfig(**_tuples(json.loads(state["train_config"]))).decoder_layers
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    # Routed elsewhere than the earlier run (--mod-layers): its LayerExperts on layers this
+    # model does not route are dropped, and this model's on the others keep their init.
+    rerouted = [k for k in missing + unexpected if _is_expert(k)]
+    if rerouted:
+        log.info(
+            "routed layers differ from %s: %d router tensors start fresh", run_dir, len(rerouted)
+        )
+    missing = [k for k in missing if not _is_expert(k)]
+    unexpected = [k for k in unexpected if not _is_expert(k)]
     foreign = [k for k in missing if not _is_tower_block(k) and _new_layer(k, old_layers) < 0]
     if foreign or unexpected:
         raise SystemExit(
@@ -275,6 +290,10 @@ def _new_layer(name: str, old_layers: int) -> int:
     layer is past an earlier model's depth; -1 otherwise."""
     m = re.search(r"(?:\.layers\.|\.experts\.)(\d+)\.", name)
     return int(m.group(1)) if m and int(m.group(1)) >= old_layers else -1
+
+
+def _is_expert(name: str) -> bool:
+    return ".experts." in name
 
 
 def _is_tower_block(name: str) -> bool:
@@ -513,6 +532,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "decision is read (one of the k; the routers choose the rest)",
     )
     p.add_argument(
+        "--mod-layers",
+        choices=("interleaved", "interleaved-even"),
+        default="interleaved",
+        help="the routed layers: every other one from the second (1, 3, ...: VideoLLM-MoD's) "
+        "or from the first (0, 2, ...: the last layer keeps every vision token's KV)",
+    )
+    p.add_argument(
         "--pos-embed",
         action="store_true",
         help="a learned embedding of each patch's grid cell in the tower's tokens, so frame "
@@ -661,6 +687,7 @@ def main(argv: list[str]) -> int:
         anneal_steps=args.anneal_keep_ratio,
         keep_last=args.keep_last,
         pos_embed=args.pos_embed,
+        mod_layers=args.mod_layers,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
