@@ -162,6 +162,7 @@ def _manifest(
             "tokens_per_frame": cfg.tokens_per_frame,
             "grid": cfg.vision.grid,
             "use_pooled": cfg.vision.use_pooled,
+            "pooled_last": cfg.vision.pooled_last,
             "hidden_size": cfg.vision.hidden_size,
         },
         "preprocess": dataclasses.asdict(cfg.preprocess),

@@ -48,6 +48,11 @@ class VisionConfig:
     # SigLIP's patch embeddings carry their position: without it a frame token's content
     # says what is there but not where, and RoPE moves only attention scores, not values
     tiny_pos_embed: bool = False
+    # the pooled token after the grid cells instead of before them: the frame's last token
+    # is where the speak decision is read, and only a last token attends (causally) to all of
+    # its frame's tokens; with ModConfig.keep_last the whole-frame summary is then the token
+    # every routed layer keeps, and the router's picks are all grid cells
+    pooled_last: bool = False
 
     @property
     def tokens_per_frame(self) -> int:

@@ -147,6 +147,7 @@ class FrameEncoder(nn.Module):
                 f"{side}x{side}; choose a grid of at most {side}"
             )
         self.use_pooled = v.use_pooled
+        self.pooled_last = v.pooled_last
         self.register_buffer("pool", adaptive_pool_matrix(side, v.grid), persistent=False)
         self.projector = Projector(
             v.hidden_size, cfg.projector_hidden or cfg.llm_hidden, cfg.llm_hidden
@@ -156,9 +157,11 @@ class FrameEncoder(nn.Module):
         """Tower features before the projector: (B, N, vision_hidden)."""
         pooled, patches = self.tower(self.normalize(frames))
         grid = torch.matmul(self.pool, patches)  # (B, grid*grid, hidden), row-major
-        if self.use_pooled:
-            return torch.cat([pooled.unsqueeze(1), grid], dim=1)
-        return grid
+        if not self.use_pooled:
+            return grid
+        if self.pooled_last:
+            return torch.cat([grid, pooled.unsqueeze(1)], dim=1)
+        return torch.cat([pooled.unsqueeze(1), grid], dim=1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.projector(self.tokens(frames))

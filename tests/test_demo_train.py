@@ -82,9 +82,60 @@ def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
     pos = [block[k] for k in block if k.endswith(".tower.pos")]
     assert len(pos) == 1 and pos[0].shape == (64, 96) and pos[0].abs().sum() > 0
 
-    with pytest.raises(SystemExit, match="no train_state.pt"):
+    with pytest.raises(SystemExit, match="neither a train-demo run .* nor a native checkpoint"):
         bad = dataclasses.replace(tuned_cfg, init_from=str(tmp_path / "nowhere"))
         train(tmp_path / "d", bad, "cpu", resume=False, minutes=None)
+
+
+def test_warm_start_from_a_native_checkpoint(tmp_path):
+    """--init-from engines/demo-checkpoint: a native checkpoint (no train_state.pt, no
+    auxiliary heads) starts a run that computes exactly what the checkpoint does; with
+    --pooled-last the same weights read the pooled token after the grid cells."""
+    from onsight.exporter.demo.objective import batched_logits
+    from onsight.exporter.demo.train import train
+    from onsight.exporter.model import load_native
+
+    torch.set_num_threads(1)
+    base = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1, gate="straight")
+    native = train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
+    assert not (Path(native) / "train_state.pt").exists()
+    old = load_native(native)[0]
+    src = make_source(str(tmp_path / "a" / "tokenizer.json"), base, 10)
+    b = to_tensors(src.batch(0, 2), "cpu")
+    args = (b["ids"], b["frames"], b["frame_pos"])
+    for pooled_last in (False, True):
+        warm = dataclasses.replace(
+            base, steps=0, init_from=str(native), pooled_last=pooled_last, keep_last=pooled_last
+        )
+        new = load_native(train(tmp_path / f"b{pooled_last}", warm, "cpu", False, None))[0]
+        assert (tmp_path / f"b{pooled_last}" / "tokenizer.json").read_text() == (
+            Path(native) / "tokenizer.json"
+        ).read_text()
+        frames = b["frames"].flatten(0, 1)
+        with torch.no_grad():
+            if not pooled_last:
+                assert torch.equal(batched_logits(old, *args), batched_logits(new, *args))
+                continue
+            assert new.cfg.vision.pooled_last and new.cfg.mod.keep_last
+            # the same tokens, the pooled one moved from first to last
+            assert torch.equal(new.encoder(frames), old.encoder(frames).roll(-1, dims=1))
+    tuned = dataclasses.replace(base, init_from=str(native), pooled_last=True)
+    train(tmp_path / "c", tuned, "cpu", resume=False, minutes=None)  # trains from there
+
+
+def test_pooled_last_puts_the_per_token_targets_in_the_model_order():
+    """Targets are built pooled token first; a pooled-last model reads them rolled, so the
+    whole-frame target sits on its last token and cell c's on token c - 1."""
+    from onsight.exporter.demo.objective import in_token_order
+
+    aux = torch.arange(2 * 3 * 10, dtype=torch.float32).view(2, 3, 10, 1)
+    batch = {"aux": aux, "change": aux.clone(), "actor": aux[..., 0].clone(), "ids": aux}
+    assert in_token_order(batch, False) is batch
+    moved = in_token_order(batch, True)
+    for key in ("aux", "change", "actor"):
+        assert torch.equal(moved[key][:, :, -1], batch[key][:, :, 0])  # the pooled token
+        assert torch.equal(moved[key][:, :, :-1], batch[key][:, :, 1:])  # cells 1..9
+    assert moved["ids"] is batch["ids"]
 
 
 def test_warm_start_deepens_the_decoder_without_changing_the_model(tmp_path):

@@ -282,6 +282,34 @@ def test_routing_the_even_layers_exports_with_parity(native_model, tmp_path):
     _validate_schema(written)
 
 
+def test_pooled_last_exports_with_parity(native_model, tmp_path):
+    """VisionConfig.pooled_last: the vision graph emits the pooled token after the grid cells
+    (the frame's last token, kept by keep_last), parity holds, and bundle.json says so."""
+    import onnxruntime as ort
+
+    model, tok = native_model
+    last = StreamingModel(
+        model.cfg.replace(
+            vision=dataclasses.replace(model.cfg.vision, pooled_last=True),
+            mod=dataclasses.replace(model.cfg.mod, keep_last=True),
+        )
+    )
+    last.load_state_dict(model.state_dict())
+    last.eval()
+    out, manifest = export_bundle(last, tok, tmp_path / "b", ExportOptions(kv_capacity=256))
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_logit_error"] < 1e-4
+    written = json.loads((out / "bundle.json").read_text())
+    assert written["vision"]["pooled_last"] is True and written["mod"]["keep_last"] is True
+    _validate_schema(written)
+    size = model.cfg.preprocess.image_size
+    frames = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    sess = ort.InferenceSession(str(out / "vision.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: frames})[0]
+    with torch.no_grad():
+        first = model.encoder(torch.from_numpy(frames)).numpy()
+    np.testing.assert_allclose(got, np.roll(first, -1, axis=1), atol=1e-5)
+
+
 def test_keep_last_always_routes_the_decision_token(native_model, tmp_path):
     """keep_last: every routed layer keeps each frame's last vision token (where the speak
     decision is read) as one of its k, whichever router chooses the rest; the graphs do the

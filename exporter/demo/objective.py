@@ -142,6 +142,18 @@ def batched_logits(model: StreamingModel, ids, frames, frame_pos) -> torch.Tenso
 
 # ---- the objective ----
 
+# per-token targets, built pooled token first (data.frame_targets and its kin)
+TOKEN_TARGETS = ("aux", "change", "actor")
+
+
+def in_token_order(batch: dict[str, torch.Tensor], pooled_last: bool) -> dict[str, torch.Tensor]:
+    """The batch's per-token targets in the model's frame-token order: data builds them with
+    the pooled token first; a `pooled_last` tower emits it after the grid cells."""
+    if not pooled_last:
+        return batch
+    return {k: torch.roll(v, -1, dims=2) if k in TOKEN_TARGETS else v for k, v in batch.items()}
+
+
 
 @dataclass(frozen=True)
 class LossParts:
@@ -172,6 +184,7 @@ def compute_loss(
     auxiliary head, a per-frame scene loss on the frame tokens; plus, with a teacher (the
     full-compute twin), distillation toward its next-token distributions at the same rows."""
     dec = model.decoder
+    batch = in_token_order(batch, model.cfg.vision.pooled_last)
     tokens: list[torch.Tensor] = []
     scores: list[torch.Tensor] | None = [] if router_weight > 0 else None
     x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"], tokens, scores)

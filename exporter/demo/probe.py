@@ -50,6 +50,8 @@ def probe(checkpoint: str, steps: int = 1500, seed: int = 0) -> dict[str, float]
     x_train, y_train = _frames(TRAIN_SEEDS)
     x_test, y_test = _frames(TEST_SEEDS)
     t_train, t_test = _tokens(encoder, x_train), _tokens(encoder, x_test)
+    if model.cfg.vision.pooled_last:  # the targets list the pooled token first
+        t_train, t_test = t_train.roll(1, dims=1), t_test.roll(1, dims=1)
     head = nn.Linear(t_train.shape[-1], y_train.shape[-1])
     opt = torch.optim.AdamW(head.parameters(), 3e-3)
     for _ in range(steps):

@@ -54,6 +54,7 @@ def demo_config(
     keep_last: bool = False,
     pos_embed: bool = False,
     mod_layers: str = "interleaved",
+    pooled_last: bool = False,
 ) -> ModelConfig:
     """The demo architecture: tiny CNN tower, a small Llama decoder (4 layers unless told),
     LayerExperts on every other layer (1, 3, ...)."""
@@ -82,6 +83,7 @@ def demo_config(
             tiny_channels=(24, 48, 96),
             tiny_blocks=tower_blocks,
             tiny_pos_embed=pos_embed,
+            pooled_last=pooled_last,
         ),
         preprocess=PreprocessConfig(image_size=64),
         projector_hidden=128,
@@ -136,6 +138,7 @@ class TrainConfig:
     # which decoder layers route (config.parse_mod_layers): "interleaved" routes 1, 3, ...;
     # "interleaved-even" routes 0, 2, ..., so the last layer reads every vision token's KV
     mod_layers: str = "interleaved"
+    pooled_last: bool = False  # the pooled token after the grid cells (VisionConfig)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -231,6 +234,7 @@ def build_model(tokenizer_json: Path, tcfg: TrainConfig) -> StreamingModel:
             tcfg.keep_last,
             tcfg.pos_embed,
             tcfg.mod_layers,
+            tcfg.pooled_last,
         )
     )
     init_vision(model)
@@ -248,9 +252,8 @@ def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) ->
     way the warm-started model computes exactly what the earlier one did (up to its routing,
     when `mod_layers` differs from the earlier run's: then the LayerExperts start fresh).
     """
-    state = load_state(run_dir / STATE_FILE)
-    old_layers = TrainConfig(**_tuples(json.loads(state["train_config"]))).decoder_layers
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    weights, old_layers, aux, step = _warm_source(run_dir)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     # Routed elsewhere than the earlier run (--mod-layers): its LayerExperts on layers this
     # model does not route are dropped, and this model's on the others keep their init.
     rerouted = [k for k in missing + unexpected if _is_expert(k)]
@@ -274,15 +277,35 @@ def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) ->
                 continue  # a buffer
             if _is_tower_block(k) or k.endswith(("o_proj.weight", "down_proj.weight")):
                 params[k].zero_()
-    if heads is not None and state.get("aux"):
-        heads.load_state_dict(state["aux"])
+    if heads is not None and aux:
+        heads.load_state_dict(aux)
     log.info(
-        "weights from %s (step %d); %d new tensors (tower blocks at zero, new decoder layers "
+        "weights from %s (step %s); %d new tensors (tower blocks at zero, new decoder layers "
         "as identity)",
         run_dir,
-        state["step"],
+        step,
         len(missing),
     )
+
+
+def is_native_dir(path: Path) -> bool:
+    """An onsight native checkpoint (config.json, model.safetensors, tokenizer.json)."""
+    return all((path / n).is_file() for n in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def _warm_source(path: Path) -> tuple[dict[str, torch.Tensor], int, dict, str]:
+    """(weights, decoder depth, auxiliary heads' state or {}, step) of a train-demo run
+    directory or of a native checkpoint (e.g. engines/demo-checkpoint, which keeps no
+    auxiliary heads: they start fresh)."""
+    if (path / STATE_FILE).is_file():
+        state = load_state(path / STATE_FILE)
+        layers = TrainConfig(**_tuples(json.loads(state["train_config"]))).decoder_layers
+        return state["model"], layers, state.get("aux") or {}, str(state["step"])
+    from safetensors.torch import load_file
+
+    cfg = ModelConfig.load(path / "config.json")
+    layers = int(cfg.decoder.get("num_hidden_layers", 0))
+    return load_file(str(path / "model.safetensors")), layers, {}, "native"
 
 
 def _new_layer(name: str, old_layers: int) -> int:
@@ -375,9 +398,11 @@ def train(
         raise SystemExit(f"{state_path} exists: pass --resume, or choose another --out")
     if tcfg.init_from and not start:
         init_dir = Path(tcfg.init_from)
-        if not (init_dir / STATE_FILE).is_file():
+        if not (init_dir / STATE_FILE).is_file() and not is_native_dir(init_dir):
             raise SystemExit(
-                f"--init-from {init_dir}: no {STATE_FILE} there; pass a train-demo --out"
+                f"--init-from {init_dir}: neither a train-demo run ({STATE_FILE}) nor a native "
+                "checkpoint (config.json, model.safetensors, tokenizer.json); pass a "
+                "train-demo --out or a checkpoint such as engines/demo-checkpoint"
             )
         shutil.copyfile(init_dir / "tokenizer.json", tok_path)  # the same token ids
     if not tok_path.is_file():
@@ -545,6 +570,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "tokens say where things are (with --init-from a tower without it, it starts at zero)",
     )
     p.add_argument(
+        "--pooled-last",
+        action="store_true",
+        help="each frame's pooled whole-frame token after its grid cells, so it is the frame's "
+        "last token (sees the whole frame; with --keep-last, the token routed layers keep)",
+    )
+    p.add_argument(
         "--anneal-keep-ratio",
         type=int,
         default=0,
@@ -574,8 +605,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--init-from",
         default=None,
         metavar="RUN",
-        help="start from another run's weights (its new tower blocks at zero); "
-        "with --full-world, a fine-tuning run",
+        help="start from another run's weights, or a native checkpoint's such as "
+        "engines/demo-checkpoint (new tower blocks at zero); with --full-world, a fine-tuning "
+        "run",
     )
     p.add_argument(
         "--full-world", action="store_true", help="no curriculum: the full world from step 0"
@@ -688,6 +720,7 @@ def main(argv: list[str]) -> int:
         keep_last=args.keep_last,
         pos_embed=args.pos_embed,
         mod_layers=args.mod_layers,
+        pooled_last=args.pooled_last,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
