@@ -154,7 +154,6 @@ def in_token_order(batch: dict[str, torch.Tensor], pooled_last: bool) -> dict[st
     return {k: torch.roll(v, -1, dims=2) if k in TOKEN_TARGETS else v for k, v in batch.items()}
 
 
-
 @dataclass(frozen=True)
 class LossParts:
     total: torch.Tensor
