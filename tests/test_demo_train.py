@@ -335,3 +335,38 @@ def test_warm_start_with_other_routed_layers(tmp_path):
     old_sd, new_sd = old.state_dict(), new.state_dict()
     shared = [k for k in new_sd if ".experts." not in k]
     assert all(torch.equal(old_sd[k], new_sd[k]) for k in shared)
+
+
+def test_change_targets_read_where_text_still_reads_every_vision_token(demo_tok, tmp_path):
+    """--change-layer 2: a second change head reads the vision tokens' states at the input of
+    layer 2 (the last layer every token's key reaches, with LayerExperts on 1 and 3); its loss
+    trains only the layers before it, and out-of-range layers are refused."""
+    from torch import nn
+
+    from onsight.exporter.demo.data import CHANGE_DIM
+    from onsight.exporter.demo.objective import batched_hidden, compute_loss
+    from onsight.exporter.demo.train import train
+
+    path, _, tok = demo_tok
+    src = make_source(str(path), TrainConfig(batch_size=2, num_frames=4), 10)
+    t = to_tensors(src.batch(1, stage=2), "cpu")
+    model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0, gate="straight"))
+    taps = {2: None}
+    batched_hidden(model, t["ids"], t["frames"], t["frame_pos"], taps=taps)
+    assert taps[2] is not None and taps[2].shape == (*t["ids"].shape, model.cfg.llm_hidden)
+    head = nn.Linear(model.cfg.llm_hidden, CHANGE_DIM)
+    interval = tok.token_to_id(",")
+    base = compute_loss(model, t, interval, 3.0, 0.5, aux_head=None)
+    with_mid = compute_loss(model, t, interval, 3.0, 0.5, aux_head=None, change_mid=(2, head))
+    assert with_mid.aux > base.aux == 0.0  # the mid head's loss is counted
+    model.zero_grad()
+    (with_mid.total - base.total).backward()  # the mid head's loss alone: the rest cancels
+    layers = model.decoder.layers
+    before = float(layers[0].mlp.down_proj.weight.grad.abs().max())
+    after = [layers[2].mlp.down_proj.weight, layers[3].mlp.down_proj.weight]
+    after.append(model.decoder.lm_head.weight)
+    assert before > 1e-6
+    assert all(float(p.grad.abs().max()) < 1e-4 * before for p in after)  # rounding only
+    with pytest.raises(SystemExit, match="--change-layer 4: give a decoder layer in 1..3"):
+        bad = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=4, change_layer=4)
+        train(tmp_path / "bad", bad, "cpu", resume=False, minutes=None)

@@ -74,11 +74,13 @@ def batched_hidden(
     frame_pos: torch.Tensor,
     frame_tokens: list[torch.Tensor] | None = None,
     router_scores: list[torch.Tensor] | None = None,
+    taps: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Final hidden states (B, L, hidden) of padded streams, routed as the streaming step.
 
     ids (B, L) with the <v> id at vision slots; frames (B, F, S, S, 3) uint8; frame_pos
-    (B, F, N) the sequence positions of each frame's vision tokens.
+    (B, F, N) the sequence positions of each frame's vision tokens. `taps` {layer: None}
+    is filled with the hidden states (B, L, hidden) at the input of those layers.
     """
     dec = model.decoder
     B, L = ids.shape
@@ -95,6 +97,8 @@ def batched_hidden(
     k = dec.k
     cos, sin = _rope_tables(dec, pos)
     for i in range(len(dec.layers)):
+        if taps is not None and i in taps:
+            taps[i] = x
         if i not in dec.routed or k >= N:
             if i in dec.routed and router_scores is not None and str(i) in dec.experts:
                 # every token kept (r = 1, e.g. early in a keep-ratio anneal): the routers
@@ -178,6 +182,7 @@ def compute_loss(
     teacher: StreamingModel | None = None,
     distill_weight: float = 0.0,
     router_target: str = "scene",
+    change_mid: tuple[int, nn.Module] | None = None,
 ) -> LossParts:
     """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
     auxiliary head, a per-frame scene loss on the frame tokens; plus, with a teacher (the
@@ -186,7 +191,10 @@ def compute_loss(
     batch = in_token_order(batch, model.cfg.vision.pooled_last)
     tokens: list[torch.Tensor] = []
     scores: list[torch.Tensor] | None = [] if router_weight > 0 else None
-    x = batched_hidden(model, batch["ids"], batch["frames"], batch["frame_pos"], tokens, scores)
+    taps = {change_mid[0]: None} if change_mid is not None else None
+    x = batched_hidden(
+        model, batch["ids"], batch["frames"], batch["frame_pos"], tokens, scores, taps
+    )
     aux = torch.zeros(())
     if aux_head is not None:
         # Read through an RMS norm, so the probe cannot win by inflating the tokens...
@@ -199,6 +207,16 @@ def compute_loss(
         fp = batch["frame_pos"].flatten(1)  # (B, F*N)
         xv = x.gather(1, fp[..., None].expand(-1, -1, x.shape[-1]))
         pred = change_head(dec.final_norm(xv)).float().view(batch["change"].shape)
+        aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
+    if change_mid is not None:
+        # The same change targets read where text still reads every vision token's key (the
+        # input of the last layer all of them pass, with MoD): what moved must be there, not
+        # only in final states that no later layer attends to.
+        layer, head = change_mid
+        fp = batch["frame_pos"].flatten(1)
+        xv = taps[layer].gather(1, fp[..., None].expand(-1, -1, x.shape[-1])).float()
+        xv = xv / (xv.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
+        pred = head(xv).view(batch["change"].shape)
         aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
     if scores:
         aux = aux + router_weight * router_loss(scores, batch, router_target)

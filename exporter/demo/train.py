@@ -139,6 +139,9 @@ class TrainConfig:
     # "interleaved-even" routes 0, 2, ..., so the last layer reads every vision token's KV
     mod_layers: str = "interleaved"
     pooled_last: bool = False  # the pooled token after the grid cells (VisionConfig)
+    # a second change head reading the vision tokens' states at the input of this decoder
+    # layer (-1: none; objective.compute_loss's change_mid)
+    change_layer: int = -1
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -278,7 +281,7 @@ def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) ->
             if _is_tower_block(k) or k.endswith(("o_proj.weight", "down_proj.weight")):
                 params[k].zero_()
     if heads is not None and aux:
-        heads.load_state_dict(aux)
+        heads.load_state_dict(aux, strict=False)  # a new head starts fresh
     log.info(
         "weights from %s (step %s); %d new tensors (tower blocks at zero, new decoder layers "
         "as identity)",
@@ -417,6 +420,15 @@ def train(
         aux_head = nn.Linear(model.cfg.llm_hidden, AUX_DIM).to(device)
         change_head = nn.Linear(model.cfg.llm_hidden, CHANGE_DIM).to(device)
     heads = nn.ModuleDict({"scene": aux_head, "change": change_head}) if aux_head else None
+    change_mid = None
+    if tcfg.change_layer >= 0:
+        if heads is None or not 0 < tcfg.change_layer < tcfg.decoder_layers:
+            raise SystemExit(
+                f"--change-layer {tcfg.change_layer}: give a decoder layer in 1.."
+                f"{tcfg.decoder_layers - 1}, with the auxiliary losses on (--aux-weight > 0)"
+            )
+        heads["change_mid"] = nn.Linear(model.cfg.llm_hidden, CHANGE_DIM).to(device)
+        change_mid = (tcfg.change_layer, heads["change_mid"])
     params = list(model.parameters()) + (list(heads.parameters()) if heads else [])
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95))
     if start:
@@ -468,6 +480,7 @@ def train(
                 teacher,
                 tcfg.distill_weight,
                 tcfg.router_target,
+                change_mid,
             )
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -574,6 +587,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="each frame's pooled whole-frame token after its grid cells, so it is the frame's "
         "last token (sees the whole frame; with --keep-last, the token routed layers keep)",
+    )
+    p.add_argument(
+        "--change-layer",
+        type=int,
+        default=-1,
+        metavar="L",
+        help="also read the per-cell change targets (what moved, which event) from the vision "
+        "tokens' states at the input of decoder layer L, where text still reads them (with "
+        "LayerExperts on 1, 3: L=2); -1: only from the final states",
     )
     p.add_argument(
         "--anneal-keep-ratio",
@@ -721,6 +743,7 @@ def main(argv: list[str]) -> int:
         pos_embed=args.pos_embed,
         mod_layers=args.mod_layers,
         pooled_last=args.pooled_last,
+        change_layer=args.change_layer,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
