@@ -119,6 +119,13 @@ def base_options(engine: str | Path | None, model: StreamingModel) -> ExportOpti
     """Export settings of the shipped bundle (cache size, text budget, fps), so every variant
     runs under the same cache as the bundle users get; defaults when there is none."""
     manifest = Path(engine) / "bundle.json" if engine else None
+    if manifest is not None and not manifest.is_file():
+        log.warning(
+            "%s: no bundle there; the variants get default cache settings (capacity %s), not "
+            "a shipped bundle's: pass --engine with the bundle whose settings to share",
+            engine,
+            "4096 or the model's context",
+        )
     if manifest is not None and manifest.is_file():
         m = json.loads(manifest.read_text())
         return ExportOptions(
