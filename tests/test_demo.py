@@ -329,6 +329,23 @@ def test_ablation_table_runs_on_a_tiny_model(tiny_tokenizer, tmp_path):
     assert "not trained" in text and "weight on kept tokens' updates (sigmoid gate)" in text
 
 
+def test_ablation_says_when_its_engine_is_missing(tiny_tokenizer, tmp_path, caplog):
+    """--ablations shares the shipped bundle's cache settings; an --engine that is not there
+    (a relative default run from another directory) is said, not silently replaced."""
+    from conftest import make_tiny_model
+
+    from onsight.exporter.demo.ablation import base_options
+
+    _, vocab = tiny_tokenizer
+    model = make_tiny_model(vocab)
+    with caplog.at_level("WARNING"):
+        opts = base_options(tmp_path / "engines" / "demo", model)
+    assert "no bundle there" in caplog.text and opts.kv_capacity > 0
+    caplog.clear()
+    base_options(None, model)
+    assert caplog.text == ""
+
+
 # ---- teacher-forced metrics: perplexity, LM correctness, fluency ----
 
 
