@@ -390,3 +390,33 @@ def test_config_replace_keeps_story() -> None:
     a, b = generate_stream(4, 200, noisy), generate_stream(4, 200, clean)
     assert a.events == b.events
     assert not np.array_equal(a.frames, b.frames)
+
+
+def test_recall_by_objects_in_view_separates_naming_alone_from_among_others(
+    streams: list[Stream],
+) -> None:
+    """Object events are bucketed by how many objects were in view (event frame and the one
+    before); a narrator that misses every move seen among others scores 1.0 alone and 0.0
+    in the busier buckets; global events are not counted."""
+    from onsight.runtime.synthetic import recall_by_objects_in_view
+
+    totals: dict[str, list[int]] = {}
+    for stream in streams:
+        said = []
+        for e, (t, text) in zip(stream.events, stream.narrations(), strict=True):
+            frames = (e.frame_index, max(0, e.frame_index - 1))
+            n = len({o.object_id for f in frames for o in stream.states[f].objects})
+            if e.kind is EventKind.MOVE and n > 1:
+                continue  # never said
+            said.append((t, text))
+        report = score_narrations(said, stream.events)
+        got = recall_by_objects_in_view(stream.events, stream.states, report)
+        assert all(e.object_id is not None for e in stream.events if e.kind.value in got)
+        for bucket, (hit, total) in got.get("move", {}).items():
+            assert hit == (total if bucket == "1" else 0)
+            acc = totals.setdefault(bucket, [0, 0])
+            acc[0], acc[1] = acc[0] + hit, acc[1] + total
+        for kind, buckets in got.items():
+            if kind != "move":
+                assert all(hit == total for hit, total in buckets.values())
+    assert sum(t for _, t in totals.values()) >= 3 and set(totals) - {"1"}, totals

@@ -53,6 +53,7 @@ from onsight.runtime.synthetic import (
     curriculum,
     generate_stream,
     question_accuracy,
+    recall_by_objects_in_view,
     score_narrations,
     wrong_details,
 )
@@ -210,6 +211,24 @@ def pool_wrong_details(
             for why, n in reasons.items():
                 into[why] = into.get(why, 0) + n
     return {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in sorted(pooled.items())}
+
+
+def pool_recall_by_objects(
+    results: Sequence[StreamResult], streams: Sequence[Stream], window_s: float
+) -> dict[str, dict[str, list[int]]]:
+    """`recall_by_objects_in_view` summed over streams: {kind: {"1" | "2" | "3+": [hits,
+    events]}}."""
+    pooled: dict[str, dict[str, list[int]]] = {}
+    for res, stream in zip(results, streams, strict=True):
+        report = score_narrations(res.predictions, stream.events, window_s=window_s)
+        for kind, buckets in recall_by_objects_in_view(
+            stream.events, stream.states, report
+        ).items():
+            into = pooled.setdefault(kind, {})
+            for bucket, (hit, total) in buckets.items():
+                h, t = into.get(bucket, [0, 0])
+                into[bucket] = [h + hit, t + total]
+    return {k: dict(sorted(v.items())) for k, v in sorted(pooled.items())}
 
 
 @dataclass
@@ -383,6 +402,7 @@ def score_narrator(
         "narration": pool_scores(results, data, window_s),
         # the narrations of the right kind with the wrong text: what they got wrong
         "wrong_details": pool_wrong_details(results, data, window_s),
+        "recall_by_objects_in_view": pool_recall_by_objects(results, data, window_s),
         "question_accuracy": question_accuracy(answers, expected) if expected else None,
         "question_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "n_questions": len(expected),
@@ -458,6 +478,9 @@ def markdown(report: dict) -> str:
     ]
     for k, r in ex["recall_by_kind"].items():
         rows.append(f"| recall: {k} ({ex['events_by_kind'][k]} events) | {r:.3f} |")
+    for k, buckets in report.get("recall_by_objects_in_view", {}).items():
+        said = ", ".join(f"{b}: {h / t:.2f} ({t})" for b, (h, t) in buckets.items() if t)
+        rows.append(f"| recall: {k}, by objects in view (exact) | {said} |")
     for k, reasons in report.get("wrong_details", {}).items():
         said = ", ".join(f"{why} {n}" for why, n in reasons.items())
         rows.append(f"| right kind, wrong text: {k} | {said} |")

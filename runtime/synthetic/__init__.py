@@ -25,6 +25,7 @@ from .metrics import (
     NarrationReport,
     match_narrations,
     question_accuracy,
+    recall_by_objects_in_view,
     score_narrations,
     wrong_details,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "questions_for_state",
     "render_demo_video",
     "score_narrations",
+    "recall_by_objects_in_view",
     "wrong_details",
     "vocabulary",
 ]

@@ -196,6 +196,30 @@ def wrong_details(
     return out
 
 
+def recall_by_objects_in_view(
+    events: Sequence[Event], states: Sequence[FrameState], report: NarrationReport
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """Exact-text recall of object events by how many objects were in view, per event kind:
+    {kind: {"1" | "2" | "3+": (matched, events)}}.
+
+    Naming the object that moved is easy alone and a binding problem among others; this
+    separates the two. In view: the objects of the event frame and the one before it (a
+    leaving object may be gone from its event frame).
+    """
+    exact = {i for i, _ in report.exact.matches}
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for i, e in enumerate(events):
+        if e.object_id is None:
+            continue
+        frames = (e.frame_index, max(0, e.frame_index - 1))
+        n = len({o.object_id for f in frames for o in states[f].objects})
+        bucket = str(n) if n < 3 else "3+"
+        by_kind = out.setdefault(e.kind.value, {})
+        hit, total = by_kind.get(bucket, (0, 0))
+        by_kind[bucket] = (hit + (i in exact), total + 1)
+    return out
+
+
 def question_accuracy(predicted: Sequence[str], expected: Sequence[str | Question]) -> float:
     """Fraction of answers equal to the expected ones after normalisation."""
     if len(predicted) != len(expected):
