@@ -370,3 +370,35 @@ def test_change_targets_read_where_text_still_reads_every_vision_token(demo_tok,
     with pytest.raises(SystemExit, match="--change-layer 4: give a decoder layer in 1..3"):
         bad = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=4, change_layer=4)
         train(tmp_path / "bad", bad, "cpu", resume=False, minutes=None)
+
+
+def test_name_weight_weighs_the_words_that_name_an_object(demo_tok):
+    """--name-weight W: the LM loss is a weighted mean with the colour and shape words at W and
+    every other word at 1; W = 1 is the plain mean."""
+    import torch.nn.functional as F
+
+    from onsight.exporter.demo.data import IGNORE
+    from onsight.exporter.demo.objective import batched_hidden, compute_loss
+    from onsight.exporter.demo.train import naming_token_ids
+
+    path, _, tok = demo_tok
+    ids = naming_token_ids(path)
+    words = {tok.id_to_token(i).lstrip("Ġ") for i in ids.tolist()}
+    assert {"red", "purple", "circle", "ring"} <= words and "moves" not in words
+    src = make_source(str(path), TrainConfig(batch_size=2, num_frames=6), 10)
+    t = to_tensors(src.batch(2, stage=2), "cpu")
+    model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0, gate="straight")).eval()
+    interval = tok.token_to_id(",")
+    with torch.no_grad():
+        plain = compute_loss(model, t, interval, 3.0, 0.5, name_ids=ids, name_weight=1.0).lm
+        heavy = compute_loss(model, t, interval, 3.0, 0.5, name_ids=ids, name_weight=4.0).lm
+        dec = model.decoder
+        x = batched_hidden(model, t["ids"], t["frames"], t["frame_pos"])
+        mask = t["labels"] != IGNORE
+        y = t["labels"][mask]
+        ce = F.cross_entropy(dec.lm_head(dec.final_norm(x[mask])).float(), y, reduction="none")
+    named = torch.isin(y, ids)
+    assert named.any() and (~named).any()
+    w = 1.0 + 3.0 * named.float()
+    assert plain == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert heavy == pytest.approx(float((w * ce).sum() / w.sum()), rel=1e-5)

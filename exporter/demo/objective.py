@@ -183,6 +183,8 @@ def compute_loss(
     distill_weight: float = 0.0,
     router_target: str = "scene",
     change_mid: tuple[int, nn.Module] | None = None,
+    name_ids: torch.Tensor | None = None,
+    name_weight: float = 1.0,
 ) -> LossParts:
     """VideoLLM-online's LM loss + stream loss, the speak frames weighted up; plus, with an
     auxiliary head, a per-frame scene loss on the frame tokens; plus, with a teacher (the
@@ -223,7 +225,15 @@ def compute_loss(
     # LM loss at labelled positions only: the head runs on a few hundred rows, not all.
     lm_mask = batch["labels"] != IGNORE
     lm_logits = dec.lm_head(dec.final_norm(x[lm_mask]))
-    lm = F.cross_entropy(lm_logits.float(), batch["labels"][lm_mask])
+    targets = batch["labels"][lm_mask]
+    if name_ids is not None and name_weight != 1.0:
+        # the words that name an object (colours, shapes) weigh more: which object moved is
+        # one token of a narration, and the cheapest to get wrong while the rest is right
+        w = 1.0 + (name_weight - 1.0) * torch.isin(targets, name_ids).float()
+        ce = F.cross_entropy(lm_logits.float(), targets, reduction="none")
+        lm = (w * ce).sum() / w.sum()
+    else:
+        lm = F.cross_entropy(lm_logits.float(), targets)
     # Stream loss at the last <v> of every frame.
     last = batch["frame_pos"][..., -1]  # (B, F)
     xs = x.gather(1, last[..., None].expand(-1, -1, x.shape[-1]))

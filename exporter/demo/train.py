@@ -142,6 +142,7 @@ class TrainConfig:
     # a second change head reading the vision tokens' states at the input of this decoder
     # layer (-1: none; objective.compute_loss's change_mid)
     change_layer: int = -1
+    name_weight: float = 1.0  # LM-loss weight of the words naming an object (colour, shape)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -195,6 +196,21 @@ def make_source(tokenizer_json: str, tcfg: TrainConfig, tokens_per_frame: int) -
         question_prob=tcfg.question_prob,
         seed=tcfg.seed,
     )
+
+
+def naming_token_ids(tokenizer_json: Path) -> torch.Tensor:
+    """Ids of the words that name an object in the world's grammar (colours and shapes)."""
+    from tokenizers import Tokenizer
+
+    from onsight.runtime.synthetic.grammar import COLOURS, SHAPES
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = {
+        i
+        for word in (*COLOURS, *SHAPES)
+        for i in tok.encode(" " + word, add_special_tokens=False).ids
+    }
+    return torch.tensor(sorted(ids), dtype=torch.int64)
 
 
 def to_tensors(batch: Batch, device: str) -> dict[str, torch.Tensor]:
@@ -444,6 +460,7 @@ def train(
     tpf = model.cfg.tokens_per_frame
     src = make_source(str(tok_path), tcfg, tpf)
     interval_id = src.template.interval_id
+    name_ids = naming_token_ids(tok_path).to(device)
     pool = ProcessPoolExecutor(
         1,
         mp_context=get_context("spawn"),
@@ -481,6 +498,8 @@ def train(
                 tcfg.distill_weight,
                 tcfg.router_target,
                 change_mid,
+                name_ids,
+                tcfg.name_weight,
             )
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -596,6 +615,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also read the per-cell change targets (what moved, which event) from the vision "
         "tokens' states at the input of decoder layer L, where text still reads them (with "
         "LayerExperts on 1, 3: L=2); -1: only from the final states",
+    )
+    p.add_argument(
+        "--name-weight",
+        type=float,
+        default=1.0,
+        help="LM-loss weight of the words that name an object (colours, shapes) against 1 for "
+        "the others: naming the object that moved is one word of its narration",
     )
     p.add_argument(
         "--anneal-keep-ratio",
@@ -744,6 +770,7 @@ def main(argv: list[str]) -> int:
         mod_layers=args.mod_layers,
         pooled_last=args.pooled_last,
         change_layer=args.change_layer,
+        name_weight=args.name_weight,
     )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
