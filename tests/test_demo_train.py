@@ -402,3 +402,19 @@ def test_name_weight_weighs_the_words_that_name_an_object(demo_tok):
     w = 1.0 + 3.0 * named.float()
     assert plain == pytest.approx(float(ce.mean()), rel=1e-5)
     assert heavy == pytest.approx(float((w * ce).sum() / w.sum()), rel=1e-5)
+
+
+def test_motion_probe_reports_every_layer(tmp_path):
+    """probe --motion: per decoder layer input and at the end, recall on moving tokens,
+    accuracy on static ones, and recall at a move's onset, all rates."""
+    from onsight.exporter.demo.probe import probe_motion
+    from onsight.exporter.demo.train import train
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=6, warmup=1, gate="straight")
+    native = train(tmp_path / "a", cfg, "cpu", resume=False, minutes=None)
+    got = probe_motion(str(native), streams=8, steps=5)
+    assert set(got) == {"onset_tokens", "layer 1", "layer 2", "layer 3", "final"}
+    for name in ("layer 1", "layer 2", "layer 3", "final"):
+        assert set(got[name]) == {"moving_recall", "static_accuracy", "onset_recall"}
+        assert all(0.0 <= v <= 1.0 for v in got[name].values())

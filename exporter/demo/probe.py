@@ -5,6 +5,13 @@ trains a linear head on its tokens (the tower's, before the projector) to predic
 colours and shapes each 3x3 cell holds (the training scene targets), and reports the accuracy
 on other streams for cells holding exactly one object. It is how the first demo model's
 weakness was found: its tokens told colours apart 99% of the time but shapes only 58%.
+
+`--motion` probes the decoder instead: at the input of each decoder layer (and at the end),
+a linear head on the vision tokens' states predicts "this token shows a moving object" (the
+training change targets), and reports its recall on moving tokens, its accuracy on static
+ones that show an object, and its recall at the onset of a move: the acting object's token
+on the frame a move is narrated at. Onset is what naming the mover needs, and what the MoD
+demo model lacks (engines/demo-checkpoint/TRAINING.md, session 7).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,11 +82,81 @@ def probe(checkpoint: str, steps: int = 1500, seed: int = 0) -> dict[str, float]
     return result
 
 
+@torch.no_grad()
+def _motion_states(model, tokenizer: Path, streams: int, seed: int) -> dict[str, torch.Tensor]:
+    """Vision-token states per layer input (and "final"), with moving / occupied / onset
+    labels, over training-world streams (8 per batch, 24 frames)."""
+    from onsight.exporter.demo.objective import batched_hidden, in_token_order
+    from onsight.exporter.demo.train import TrainConfig, make_source, to_tensors
+    from onsight.runtime.synthetic.grammar import EVENT_KINDS, EventKind
+
+    model = model.eval()
+    layers = len(model.decoder.layers)
+    src = make_source(str(tokenizer), TrainConfig(seed=seed, batch_size=8), 10)
+    out: dict[str, list[torch.Tensor]] = {}
+    move = EVENT_KINDS.index(EventKind.MOVE)
+    for step in range(max(1, streams // 8)):
+        b = in_token_order(to_tensors(src.batch(step, 2), "cpu"), model.cfg.vision.pooled_last)
+        taps: dict[int, torch.Tensor | None] = {i: None for i in range(1, layers)}
+        final = batched_hidden(model, b["ids"], b["frames"], b["frame_pos"], taps=taps)
+        fp = b["frame_pos"].flatten(1)
+        for name, h in [*((f"layer {i}", taps[i]) for i in range(1, layers)), ("final", final)]:
+            xv = h.gather(1, fp[..., None].expand(-1, -1, h.shape[-1]))
+            xv = xv / (xv.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
+            out.setdefault(name, []).append(xv.reshape(-1, h.shape[-1]))
+        out.setdefault("moving", []).append(b["change"][..., -1].reshape(-1) > 0)
+        out.setdefault("occupied", []).append(
+            b["aux"][..., : len(COLOURS)].amax(-1).reshape(-1) > 0
+        )
+        onset = (b["change"][..., move] > 0) & (b["actor"] > 0)
+        out.setdefault("onset", []).append(onset.reshape(-1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def probe_motion(checkpoint: str, streams: int = 64, steps: int = 600) -> dict[str, object]:
+    """Per decoder layer input: recall on moving tokens, accuracy on static occupied ones, and
+    recall on onset tokens (the mover's token on its move's event frame)."""
+    torch.manual_seed(0)
+    model, tok = load_native(checkpoint)
+    data = _motion_states(model, tok, streams, seed=555)
+    y, occ, onset = data.pop("moving"), data.pop("occupied"), data.pop("onset")
+    fit = torch.arange(len(y)) < int(0.7 * len(y))
+    test = ~fit
+    result: dict[str, object] = {"onset_tokens": int((onset & test).sum())}
+    for name, x in data.items():
+        head = nn.Linear(x.shape[1], 1)
+        opt = torch.optim.Adam(head.parameters(), 1e-2)
+        for _ in range(steps):
+            logits = head(x[fit]).squeeze(-1)
+            loss = F.binary_cross_entropy_with_logits(logits, y[fit].float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            said = head(x[test]).squeeze(-1) > 0
+        yt, ot, on = y[test], occ[test], onset[test]
+        result[name] = {
+            "moving_recall": float((said & yt & ot).sum() / (yt & ot).sum().clamp(min=1)),
+            "static_accuracy": float((~said & ~yt & ot).sum() / (~yt & ot).sum().clamp(min=1)),
+            "onset_recall": float((said & on).sum() / on.sum().clamp(min=1)),
+        }
+    return result
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m onsight.exporter.demo.probe", description=__doc__)
     p.add_argument("checkpoint", help="native checkpoint directory (e.g. engines/demo-checkpoint)")
     p.add_argument("--steps", type=int, default=1500, help="probe training steps")
+    p.add_argument(
+        "--motion",
+        action="store_true",
+        help="probe the decoder's vision-token states for motion and its onset, per layer",
+    )
+    p.add_argument("--streams", type=int, default=64, help="--motion: training-world streams")
     a = p.parse_args(argv)
+    if a.motion:
+        print(json.dumps(probe_motion(a.checkpoint, a.streams, min(a.steps, 600)), indent=2))
+        return 0
     print(json.dumps(probe(a.checkpoint, a.steps), indent=2))
     return 0
 
