@@ -8,6 +8,7 @@ results.json, results.md and PNG plots. Numbers in onsight's README come from he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import gc
@@ -18,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,19 +530,32 @@ def run(o: BenchOptions) -> dict[str, Any]:
     return res
 
 
-def _setup_logging() -> None:
+@contextlib.contextmanager
+def _bench_logging() -> Iterator[None]:
+    """Progress lines on stderr while the bench runs; the logger is put back afterwards, so
+    a bench run inside a longer process (the tests) leaves its logging as it was."""
     lg = logging.getLogger("onsight.exporter")
-    if not lg.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(asctime)s bench: %(message)s", "%H:%M:%S"))
-        lg.addHandler(h)
-        lg.propagate = False  # the CLI's root handler would print every line twice
+    saved = (lg.level, lg.propagate)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(asctime)s bench: %(message)s", "%H:%M:%S"))
+    lg.addHandler(h)
+    lg.propagate = False  # the CLI's root handler would print every line twice
     if lg.level == logging.NOTSET or lg.level > logging.INFO:
         lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lg.removeHandler(h)
+        lg.setLevel(saved[0])
+        lg.propagate = saved[1]
 
 
 def main(argv: list[str]) -> int:
-    _setup_logging()
+    with _bench_logging():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     argv = list(argv)
     o = parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `onsight bench -- --flags`
     t = time.perf_counter()

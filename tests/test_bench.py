@@ -15,8 +15,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_demo_quick_writes_json_markdown_and_png(tmp_path):
+    import logging
+
     from onsight.exporter import bench
 
+    lg = logging.getLogger("onsight.exporter")
+    before = (lg.level, lg.propagate, list(lg.handlers))
     out = tmp_path / "results"
     rc = bench.main(
         [
@@ -32,6 +36,8 @@ def test_bench_demo_quick_writes_json_markdown_and_png(tmp_path):
         ]
     )
     assert rc == 0
+    # the bench's progress logging is undone: later code in the process logs as before
+    assert (lg.level, lg.propagate, list(lg.handlers)) == before
 
     res = json.loads((out / "results.json").read_text())
     assert {"meta", "prefill", "kv", "peaks", "targets"} <= set(res)
