@@ -121,12 +121,11 @@ def base_options(engine: str | Path | None, model: StreamingModel) -> ExportOpti
     manifest = Path(engine) / "bundle.json" if engine else None
     if manifest is not None and not manifest.is_file():
         log.warning(
-            "%s: no bundle there; the variants get default cache settings (capacity %s), not "
-            "a shipped bundle's: pass --engine with the bundle whose settings to share",
+            "%s: no bundle there; the variants get default cache settings (capacity 4096 or "
+            "the model's context), not a shipped bundle's: pass --engine with that bundle",
             engine,
-            "4096 or the model's context",
         )
-    if manifest is not None and manifest.is_file():
+    elif manifest is not None:
         m = json.loads(manifest.read_text())
         return ExportOptions(
             kv_capacity=int(m["kv"]["capacity_dense"]),

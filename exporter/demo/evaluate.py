@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onsight.runtime.synthetic import (
+    NarrationReport,
     Stream,
     WorldConfig,
     curriculum,
@@ -179,11 +180,10 @@ class BundleNarrator:
         return StreamResult(stream.seed, preds, answers, expected, kinds)
 
 
-def pool_scores(results: Sequence[StreamResult], streams: Sequence[Stream], window_s: float):
-    """Pool exact / kind / timing matching over streams."""
+def pool_scores(reports: Sequence[NarrationReport], streams: Sequence[Stream]):
+    """Pool exact / kind / timing matching over streams (one report per stream)."""
     pooled = {m: Counts() for m in ("exact", "kind", "timing")}
-    for res, stream in zip(results, streams, strict=True):
-        report = score_narrations(res.predictions, stream.events, window_s=window_s)
+    for report, stream in zip(reports, streams, strict=True):
         for scores in (report.exact, report.kind, report.timing):
             c = pooled[scores.mode]
             c.predictions += scores.n_predictions
@@ -199,12 +199,13 @@ def pool_scores(results: Sequence[StreamResult], streams: Sequence[Stream], wind
 
 
 def pool_wrong_details(
-    results: Sequence[StreamResult], streams: Sequence[Stream], window_s: float
+    results: Sequence[StreamResult],
+    reports: Sequence[NarrationReport],
+    streams: Sequence[Stream],
 ) -> dict[str, dict[str, int]]:
     """`wrong_details` summed over streams: {event kind: {what was wrong: count}}."""
     pooled: dict[str, dict[str, int]] = {}
-    for res, stream in zip(results, streams, strict=True):
-        report = score_narrations(res.predictions, stream.events, window_s=window_s)
+    for res, report, stream in zip(results, reports, streams, strict=True):
         details = wrong_details(res.predictions, stream.events, stream.states, report)
         for kind, reasons in details.items():
             into = pooled.setdefault(kind, {})
@@ -214,13 +215,12 @@ def pool_wrong_details(
 
 
 def pool_recall_by_objects(
-    results: Sequence[StreamResult], streams: Sequence[Stream], window_s: float
+    reports: Sequence[NarrationReport], streams: Sequence[Stream]
 ) -> dict[str, dict[str, list[int]]]:
     """`recall_by_objects_in_view` summed over streams: {kind: {"1" | "2" | "3+": [hits,
     events]}}."""
     pooled: dict[str, dict[str, list[int]]] = {}
-    for res, stream in zip(results, streams, strict=True):
-        report = score_narrations(res.predictions, stream.events, window_s=window_s)
+    for report, stream in zip(reports, streams, strict=True):
         for kind, buckets in recall_by_objects_in_view(
             stream.events, stream.states, report
         ).items():
@@ -391,6 +391,10 @@ def score_narrator(
 ) -> tuple[dict[str, object], list[StreamResult]]:
     """Narrate every stream through the bundle; event scores and question accuracy."""
     results = [narrator.run(s) for s in data]
+    reports = [  # matched once per stream; every pooled table reads these
+        score_narrations(r.predictions, s.events, window_s=window_s)
+        for r, s in zip(results, data, strict=True)
+    ]
     answers = [a for r in results for a in r.answers]
     expected = [e for r in results for e in r.expected]
     qkinds = [k for r in results for k in r.question_kinds]
@@ -399,10 +403,10 @@ def score_narrator(
         by_kind.setdefault(k, []).append(question_accuracy([a], [e]) == 1.0)
     scores: dict[str, object] = {
         "threshold": narrator.threshold,
-        "narration": pool_scores(results, data, window_s),
+        "narration": pool_scores(reports, data),
         # the narrations of the right kind with the wrong text: what they got wrong
-        "wrong_details": pool_wrong_details(results, data, window_s),
-        "recall_by_objects_in_view": pool_recall_by_objects(results, data, window_s),
+        "wrong_details": pool_wrong_details(results, reports, data),
+        "recall_by_objects_in_view": pool_recall_by_objects(reports, data),
         "question_accuracy": question_accuracy(answers, expected) if expected else None,
         "question_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "n_questions": len(expected),

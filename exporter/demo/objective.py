@@ -146,6 +146,12 @@ def batched_logits(model: StreamingModel, ids, frames, frame_pos) -> torch.Tenso
 
 # ---- the objective ----
 
+
+def rms_normalise(x: torch.Tensor) -> torch.Tensor:
+    """x / RMS(x) over the last dim, without a learned scale (for heads that probe states)."""
+    return x / (x.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
+
+
 # per-token targets, built pooled token first (data.frame_targets and its kin)
 TOKEN_TARGETS = ("aux", "change", "actor")
 
@@ -217,8 +223,7 @@ def compute_loss(
         layer, head = change_mid
         fp = batch["frame_pos"].flatten(1)
         xv = taps[layer].gather(1, fp[..., None].expand(-1, -1, x.shape[-1])).float()
-        xv = xv / (xv.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
-        pred = head(xv).view(batch["change"].shape)
+        pred = head(rms_normalise(xv)).view(batch["change"].shape)
         aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
     if scores:
         aux = aux + router_weight * router_loss(scores, batch, router_target)

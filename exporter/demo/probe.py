@@ -86,7 +86,7 @@ def probe(checkpoint: str, steps: int = 1500, seed: int = 0) -> dict[str, float]
 def _motion_states(model, tokenizer: Path, streams: int, seed: int) -> dict[str, torch.Tensor]:
     """Vision-token states per layer input (and "final"), with moving / occupied / onset
     labels, over training-world streams (8 per batch, 24 frames)."""
-    from onsight.exporter.demo.objective import batched_hidden, in_token_order
+    from onsight.exporter.demo.objective import batched_hidden, in_token_order, rms_normalise
     from onsight.exporter.demo.train import TrainConfig, make_source, to_tensors
     from onsight.runtime.synthetic.grammar import EVENT_KINDS, EventKind
 
@@ -101,8 +101,7 @@ def _motion_states(model, tokenizer: Path, streams: int, seed: int) -> dict[str,
         final = batched_hidden(model, b["ids"], b["frames"], b["frame_pos"], taps=taps)
         fp = b["frame_pos"].flatten(1)
         for name, h in [*((f"layer {i}", taps[i]) for i in range(1, layers)), ("final", final)]:
-            xv = h.gather(1, fp[..., None].expand(-1, -1, h.shape[-1]))
-            xv = xv / (xv.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
+            xv = rms_normalise(h.gather(1, fp[..., None].expand(-1, -1, h.shape[-1])))
             out.setdefault(name, []).append(xv.reshape(-1, h.shape[-1]))
         out.setdefault("moving", []).append(b["change"][..., -1].reshape(-1) > 0)
         out.setdefault("occupied", []).append(
