@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -418,3 +419,39 @@ def test_motion_probe_reports_every_layer(tmp_path):
     for name in ("layer 1", "layer 2", "layer 3", "final"):
         assert set(got[name]) == {"moving_recall", "static_accuracy", "onset_recall"}
         assert all(0.0 <= v <= 1.0 for v in got[name].values())
+
+
+def test_narration_delay_moves_the_chosen_kinds_speak_frames(demo_tok):
+    """--narration-delay 1 --delay-kinds move: a move is narrated (speak label, narration
+    tokens) one frame after its event frame and stays silent on it; other kinds do not move;
+    a delay that would reach the next event, or an unknown kind, is refused with the reason."""
+    from onsight.exporter.demo.data import NarrationDelay, narration_frames
+    from onsight.runtime.synthetic import curriculum, generate_stream
+
+    path, _, tok = demo_tok
+    close, interval = tok.token_to_id("]"), tok.token_to_id(",")
+    plain = make_source(str(path), TrainConfig(batch_size=4, num_frames=24), 10)
+    late = dataclasses.replace(plain, delay=NarrationDelay.parse(1, "move"))
+    seen = 0
+    for step in range(4):
+        a, b = plain.batch(step, stage=2), late.batch(step, stage=2)
+        seeds = np.random.default_rng([plain.seed, step]).integers(0, 100_000, 4)
+        for i, seed in enumerate(seeds):
+            stream = generate_stream(int(seed), 24, curriculum(2))
+            for e in stream.events:
+                f = e.frame_index
+                assert a.stream_label[i, f] == close
+                if e.kind.value == "move" and f + 1 < 24:
+                    assert b.stream_label[i, f] == interval and b.stream_label[i, f + 1] == close
+                    seen += 1
+                elif e.kind.value != "move":
+                    assert b.stream_label[i, f] == close
+            assert (a.stream_label[i] == close).sum() >= (b.stream_label[i] == close).sum()
+    assert seen >= 2
+    stream = generate_stream(7, 24, curriculum(2))
+    with pytest.raises(ValueError, match="reaches the next event"):
+        narration_frames(stream, NarrationDelay(3, ("move",)))
+    with pytest.raises(ValueError, match="unknown event kind"):
+        NarrationDelay.parse(1, "move,jump")
+    assert NarrationDelay.parse(1, "all").kinds[0] == "enter"
+    assert NarrationDelay.parse(0, "all") == NarrationDelay()

@@ -8,7 +8,9 @@ template pieces, tokenised piece by piece), so training sees exactly the inferen
 Losses: the LM loss on narration and answer tokens and their EOS; the stream loss at the last
 `<v>` of every frame, towards "," on silent frames and towards "]" (the first token of
 "]\\nAssistant:") on frames whose event the model should narrate. The narration fires on the
-event frame itself: the first frame where the change is visible.
+event frame itself, the first frame where the change is visible, or `delay` frames after it
+for the kinds a run delays (`narration_frames`): a narrator that says "the red circle moves
+left" one frame into the motion has seen the object move twice.
 """
 
 from __future__ import annotations
@@ -127,18 +129,62 @@ def actor_targets(stream: Stream) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class NarrationDelay:
+    """Narrate events of `kinds` `frames` frames after they happen (0: on the event frame).
+
+    The world spaces events `min_event_gap` frames apart, so a delay below that gap never puts
+    two narrations on one frame; an event delayed past the stream's end goes unnarrated.
+    """
+
+    frames: int = 0
+    kinds: tuple[str, ...] = ()  # EventKind values
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.kinds) - {k.value for k in EVENT_KINDS})
+        if unknown:
+            raise ValueError(
+                f"narration delay: unknown event kind(s) {unknown}; "
+                f"choose from {[k.value for k in EVENT_KINDS]}"
+            )
+        if self.frames < 0:
+            raise ValueError(f"narration delay: {self.frames} frames; give 0 or more")
+
+    @classmethod
+    def parse(cls, frames: int, kinds: str) -> NarrationDelay:
+        """From the CLI's --narration-delay N and --delay-kinds "move,leave" (or "all")."""
+        names = [k.value for k in EVENT_KINDS] if kinds == "all" else kinds.split(",")
+        return cls(frames, tuple(k.strip() for k in names if k.strip()) if frames else ())
+
+
+def narration_frames(stream: Stream, delay: NarrationDelay = NarrationDelay()) -> dict:
+    """{frame index: event} of the frames whose event the model narrates there."""
+    if delay.frames >= stream.config.min_event_gap:
+        raise ValueError(
+            f"narration delay of {delay.frames} frames reaches the next event (events are "
+            f"{stream.config.min_event_gap} frames apart): give fewer frames"
+        )
+    out = {}
+    for e in stream.events:
+        f = e.frame_index + (delay.frames if e.kind.value in delay.kinds else 0)
+        if f < stream.num_frames:
+            out[f] = e
+    return out
+
+
 def build_example(
     stream: Stream,
     t: TemplateIds,
     encode: Callable[[str], list[int]],
     v_id: int,
     tokens_per_frame: int,
+    delay: NarrationDelay = NarrationDelay(),
 ) -> Example:
     """Lay out `stream` as StreamLoop would feed it, with loss targets."""
     ids: list[int] = list(t.sink)
     labels: list[int] = [IGNORE] * len(ids)
     frame_pos, stream_label = [], []
-    events = {e.frame_index: e for e in stream.events}  # the world spaces events apart
+    events = narration_frames(stream, delay)
     questions: dict[int, list] = {}
     for q in stream.questions:
         questions.setdefault(q.frame_index, []).append(q)
@@ -226,6 +272,7 @@ class BatchSource:
     question_prob: float = 0.15  # chance a frame carries a question
     seed: int = 0  # base seed of the training streams
     seed_range: int = 100_000  # training world seeds lie in [0, seed_range); eval uses above
+    delay: NarrationDelay = NarrationDelay()  # which narrations come frames after their event
 
     def batch(self, step: int, stage: int) -> Batch:
         cfg = stage_config(stage, self.question_prob)
@@ -238,6 +285,7 @@ class BatchSource:
                 self.encode,
                 self.v_id,
                 self.tokens_per_frame,
+                self.delay,
             )
             for s in seeds
         ]

@@ -6,17 +6,15 @@ the batched forward and the loss are in `objective`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -25,16 +23,17 @@ import torch
 from torch import nn
 
 from onsight.exporter.config import (
-    GATES,
     ModConfig,
     ModelConfig,
     PreprocessConfig,
     VisionConfig,
     parse_mod_layers,
 )
-from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource
-from onsight.exporter.demo.objective import ROUTER_TARGETS, compute_loss
+from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource, NarrationDelay
+from onsight.exporter.demo.objective import compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
+from onsight.exporter.demo.train_args import config_from_args, parse_args
+from onsight.exporter.demo.train_config import TrainConfig, keep_ratio_at, lr_at, stage_at
 from onsight.exporter.model import StreamingModel, save_native
 
 log = logging.getLogger(__name__)
@@ -99,72 +98,6 @@ def demo_config(
     )
 
 
-# ---- schedule ----
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides the trained weights (saved with every checkpoint)."""
-
-    seed: int = 0  # model init and stream seeds
-    steps: int = 3000  # optimizer steps (fixed up front so the schedule is reproducible)
-    batch_size: int = 8  # streams per step
-    num_frames: int = 24  # frames per training stream
-    lr: float = 2e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to this share of the peak
-    warmup: int = 100  # linear warmup steps (at most 5% of the run)
-    weight_decay: float = 0.05
-    speak_weight: float = 3.0  # stream-loss weight of speak frames (~1 in 5 frames speaks)
-    question_prob: float = 0.15  # chance a training frame carries a question
-    stage_fractions: tuple[float, float] = (0.1, 0.3)  # curriculum 0 -> 1 -> 2 boundaries
-    keep_ratio: float = 0.2  # MoD keep ratio (1.0: the full-compute twin)
-    aux_weight: float = 0.5  # weight of the per-frame scene loss (0: VideoLLM-online's alone)
-    # residual convs at the tower's last scale (see VisionConfig); 0 here so that runs saved
-    # before the field existed resume as they were, while the CLI's default is 1
-    tower_blocks: int = 0
-    init_from: str = ""  # a run directory whose weights start this run (new tower blocks at 0)
-    router_weight: float = 0.0  # weight of the routers' where-the-action-is loss (router_loss)
-    distill_from: str = ""  # a run directory whose model (the r = 1 twin) is the teacher
-    distill_weight: float = 0.0  # weight of the KL toward the teacher (objective.compute_loss)
-    gate: str = "sigmoid"  # how the routers weigh kept tokens' updates (ModConfig.gate)
-    router_target: str = "scene"  # what router_loss ranks first (objective.ROUTER_TARGETS)
-    decoder_layers: int = 4  # decoder depth; layers beyond an --init-from run's start as identity
-    # steps over which the routed layers' training keep ratio falls linearly from 1 to
-    # keep_ratio (0: keep_ratio from the first step); lets a dense start (the twin's weights)
-    # get used to routing gradually instead of losing 80% of its vision tokens at once
-    anneal_steps: int = 0
-    keep_last: bool = False  # routed layers always keep the frame's last token (ModConfig)
-    pos_embed: bool = False  # the tower's patch tokens carry their grid cell (VisionConfig)
-    # which decoder layers route (config.parse_mod_layers): "interleaved" routes 1, 3, ...;
-    # "interleaved-even" routes 0, 2, ..., so the last layer reads every vision token's KV
-    mod_layers: str = "interleaved"
-    pooled_last: bool = False  # the pooled token after the grid cells (VisionConfig)
-    # a second change head reading the vision tokens' states at the input of this decoder
-    # layer (-1: none; objective.compute_loss's change_mid)
-    change_layer: int = -1
-    name_weight: float = 1.0  # LM-loss weight of the words naming an object (colour, shape)
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    warmup = max(1, min(cfg.warmup, cfg.steps // 20))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def keep_ratio_at(cfg: TrainConfig, step: int) -> float:
-    """The routed layers' keep ratio at a step: linear from 1 to cfg.keep_ratio over anneal."""
-    if step >= cfg.anneal_steps:
-        return cfg.keep_ratio
-    return 1.0 - (1.0 - cfg.keep_ratio) * step / cfg.anneal_steps
-
-
-def stage_at(cfg: TrainConfig, step: int) -> int:
-    p = step / max(1, cfg.steps)
-    return 0 if p < cfg.stage_fractions[0] else 1 if p < cfg.stage_fractions[1] else 2
-
-
 # ---- batches in a worker process, so stream generation overlaps the step ----
 
 _SOURCE: BatchSource | None = None
@@ -195,6 +128,7 @@ def make_source(tokenizer_json: str, tcfg: TrainConfig, tokens_per_frame: int) -
         num_frames=tcfg.num_frames,
         question_prob=tcfg.question_prob,
         seed=tcfg.seed,
+        delay=NarrationDelay.parse(tcfg.narration_delay, tcfg.delay_kinds),
     )
 
 
@@ -318,7 +252,7 @@ def _warm_source(path: Path) -> tuple[dict[str, torch.Tensor], int, dict, str]:
     auxiliary heads: they start fresh)."""
     if (path / STATE_FILE).is_file():
         state = load_state(path / STATE_FILE)
-        layers = TrainConfig(**_tuples(json.loads(state["train_config"]))).decoder_layers
+        layers = TrainConfig.from_json(state["train_config"]).decoder_layers
         return state["model"], layers, state.get("aux") or {}, str(state["step"])
     from safetensors.torch import load_file
 
@@ -372,7 +306,7 @@ def load_run_model(run_dir: Path) -> StreamingModel:
     if not (run_dir / STATE_FILE).is_file():
         raise SystemExit(f"{run_dir}: no {STATE_FILE} there; pass a train-demo --out")
     state = load_state(run_dir / STATE_FILE)
-    tcfg = TrainConfig(**_tuples(json.loads(state["train_config"])))
+    tcfg = TrainConfig.from_json(state["train_config"])
     model = build_model(run_dir / "tokenizer.json", tcfg)
     model.load_state_dict(state["model"])
     return model
@@ -409,7 +343,7 @@ def train(
     start = 0
     if resume and state_path.is_file():
         state = load_state(state_path)
-        saved = TrainConfig(**_tuples(json.loads(state["train_config"])))
+        saved = TrainConfig.from_json(state["train_config"])
         start = int(state["step"])
         # A longer --steps extends the run: the cosine is re-drawn over the new total.
         tcfg = dataclasses.replace(saved, steps=max(saved.steps, extend_to or 0))
@@ -560,149 +494,6 @@ def train(
     return save_native(model.cpu().eval(), tok_path, native)
 
 
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="onsight train-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo", help="run directory (checkpoints, log)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3000)")
-    p.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help="wall-time budget; alone, the step count is fitted to it after 5 timed steps",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from OUT/train_state.pt (its settings; a larger --steps extends the run)",
-    )
-    p.add_argument("--keep-ratio", type=float, default=0.2, help="MoD keep ratio r")
-    p.add_argument("--full-compute", action="store_true", help="the r = 1 twin")
-    p.add_argument(
-        "--keep-last",
-        action="store_true",
-        help="routed layers always keep each frame's last vision token, where the speak "
-        "decision is read (one of the k; the routers choose the rest)",
-    )
-    p.add_argument(
-        "--mod-layers",
-        choices=("interleaved", "interleaved-even"),
-        default="interleaved",
-        help="the routed layers: every other one from the second (1, 3, ...: VideoLLM-MoD's) "
-        "or from the first (0, 2, ...: the last layer keeps every vision token's KV)",
-    )
-    p.add_argument(
-        "--pos-embed",
-        action="store_true",
-        help="a learned embedding of each patch's grid cell in the tower's tokens, so frame "
-        "tokens say where things are (with --init-from a tower without it, it starts at zero)",
-    )
-    p.add_argument(
-        "--pooled-last",
-        action="store_true",
-        help="each frame's pooled whole-frame token after its grid cells, so it is the frame's "
-        "last token (sees the whole frame; with --keep-last, the token routed layers keep)",
-    )
-    p.add_argument(
-        "--change-layer",
-        type=int,
-        default=-1,
-        metavar="L",
-        help="also read the per-cell change targets (what moved, which event) from the vision "
-        "tokens' states at the input of decoder layer L, where text still reads them (with "
-        "LayerExperts on 1, 3: L=2); -1: only from the final states",
-    )
-    p.add_argument(
-        "--name-weight",
-        type=float,
-        default=1.0,
-        help="LM-loss weight of the words that name an object (colours, shapes) against 1 for "
-        "the others: naming the object that moved is one word of its narration",
-    )
-    p.add_argument(
-        "--anneal-keep-ratio",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="lower the routed layers' keep ratio linearly from 1 to --keep-ratio over the "
-        "first STEPS steps (for a start from dense weights, e.g. the twin's; 0: off)",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--frames", type=int, default=24, help="frames per training stream")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--speak-weight", type=float, default=3.0)
-    p.add_argument("--aux-weight", type=float, default=0.5, help="per-frame scene loss (0: off)")
-    p.add_argument(
-        "--tower-blocks",
-        type=int,
-        default=1,
-        help="residual convs at the tower's last scale (0: the first demo model's tower)",
-    )
-    p.add_argument(
-        "--decoder-layers",
-        type=int,
-        default=4,
-        help="decoder depth, LayerExperts on every other layer; with --init-from, layers past "
-        "the earlier run's depth start as identity",
-    )
-    p.add_argument(
-        "--init-from",
-        default=None,
-        metavar="RUN",
-        help="start from another run's weights, or a native checkpoint's such as "
-        "engines/demo-checkpoint (new tower blocks at zero); with --full-world, a fine-tuning "
-        "run",
-    )
-    p.add_argument(
-        "--full-world", action="store_true", help="no curriculum: the full world from step 0"
-    )
-    p.add_argument(
-        "--router-weight",
-        type=float,
-        default=0.0,
-        help="weight of a loss teaching the MoD routers which tokens show the action (0: off)",
-    )
-    p.add_argument(
-        "--router-target",
-        default="scene",
-        choices=ROUTER_TARGETS,
-        help="with --router-weight, what the routers learn to keep: the scene's moving and "
-        "event cells and the pooled token (scene), or only what a narration is about (actor)",
-    )
-    p.add_argument(
-        "--distill-from",
-        default=None,
-        metavar="RUN",
-        help="a run (the full-compute twin) whose next-token distributions this one learns too",
-    )
-    p.add_argument(
-        "--distill-weight", type=float, default=1.0, help="with --distill-from: the KL's weight"
-    )
-    p.add_argument(
-        "--gate",
-        default="sigmoid",
-        choices=GATES,
-        help="how a router weighs a kept token's update: sigmoid(score) (MoD), or 1 with the "
-        "sigmoid's gradient (straight-through: a router chooses, it cannot switch layers off)",
-    )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument(
-        "--snapshot",
-        default=None,
-        metavar="DIR",
-        help="only write OUT's latest checkpoint as a native checkpoint to DIR, and exit",
-    )
-    p.add_argument(
-        "--threshold", type=float, default=None, help="with --snapshot: the speak threshold"
-    )
-    return p.parse_args(argv)
-
-
 def snapshot(run_dir: Path, native_out: Path, threshold: float | None = None) -> Path:
     """The run's latest resumable checkpoint as a native checkpoint, optionally with a speak
     threshold calibrated on validation streams (`onsight eval --threshold`)."""
@@ -721,57 +512,7 @@ def main(argv: list[str]) -> int:
         native = snapshot(Path(args.out), Path(args.snapshot), args.threshold)
         print(f"native checkpoint: {native}")
         return 0
-    if args.decoder_layers < 2:
-        raise SystemExit(
-            f"--decoder-layers {args.decoder_layers}: the decoder needs at least 2 layers "
-            "(LayerExperts sit on every other one: 1, 3, ...)"
-        )
-    if args.router_target != "scene" and args.router_weight <= 0:
-        raise SystemExit(
-            f"--router-target {args.router_target} has no effect without the router loss: "
-            "add --router-weight (e.g. 1)"
-        )
-    if args.keep_last and (args.full_compute or args.keep_ratio >= 1.0):
-        raise SystemExit(
-            "--keep-last chooses which tokens routed layers keep; the full-compute twin "
-            "(r = 1) keeps every token: drop one of them"
-        )
-    if args.anneal_keep_ratio and (args.full_compute or args.keep_ratio >= 1.0):
-        raise SystemExit(
-            "--anneal-keep-ratio lowers the keep ratio toward --keep-ratio; the full-compute "
-            "twin (r = 1) has nothing to anneal: drop one of them"
-        )
-    if args.anneal_keep_ratio < 0 or args.anneal_keep_ratio > (args.steps or 3000):
-        raise SystemExit(
-            f"--anneal-keep-ratio {args.anneal_keep_ratio}: give a step count between 0 and "
-            f"--steps ({args.steps or 3000}), so the run ends at --keep-ratio"
-        )
-    tcfg = TrainConfig(
-        seed=args.seed,
-        steps=args.steps or 3000,
-        batch_size=args.batch_size,
-        num_frames=args.frames,
-        lr=args.lr,
-        speak_weight=args.speak_weight,
-        aux_weight=args.aux_weight,
-        keep_ratio=1.0 if args.full_compute else args.keep_ratio,
-        tower_blocks=args.tower_blocks,
-        init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
-        stage_fractions=(0.0, 0.0) if args.full_world else TrainConfig.stage_fractions,
-        router_weight=args.router_weight,
-        distill_from=str(Path(args.distill_from).resolve()) if args.distill_from else "",
-        distill_weight=args.distill_weight if args.distill_from else 0.0,
-        gate=args.gate,
-        router_target=args.router_target,
-        decoder_layers=args.decoder_layers,
-        anneal_steps=args.anneal_keep_ratio,
-        keep_last=args.keep_last,
-        pos_embed=args.pos_embed,
-        mod_layers=args.mod_layers,
-        pooled_last=args.pooled_last,
-        change_layer=args.change_layer,
-        name_weight=args.name_weight,
-    )
+    tcfg = config_from_args(args)
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
     native = train(

@@ -1,0 +1,229 @@
+"""The command line of `onsight train-demo` (its flags and their help); `train.main` runs it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from onsight.exporter.config import GATES
+from onsight.exporter.demo.data import NarrationDelay
+from onsight.exporter.demo.objective import ROUTER_TARGETS
+from onsight.exporter.demo.train_config import TrainConfig
+
+DESCRIPTION = "train the demo model on synthetic streams, resumably, on CPU or GPU"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="onsight train-demo", description=DESCRIPTION)
+    p.add_argument("--out", default="runs/demo", help="run directory (checkpoints, log)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3000)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-time budget; alone, the step count is fitted to it after 5 timed steps",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/train_state.pt (its settings; a larger --steps extends the run)",
+    )
+    p.add_argument("--keep-ratio", type=float, default=0.2, help="MoD keep ratio r")
+    p.add_argument("--full-compute", action="store_true", help="the r = 1 twin")
+    p.add_argument(
+        "--keep-last",
+        action="store_true",
+        help="routed layers always keep each frame's last vision token, where the speak "
+        "decision is read (one of the k; the routers choose the rest)",
+    )
+    p.add_argument(
+        "--mod-layers",
+        choices=("interleaved", "interleaved-even"),
+        default="interleaved",
+        help="the routed layers: every other one from the second (1, 3, ...: VideoLLM-MoD's) "
+        "or from the first (0, 2, ...: the last layer keeps every vision token's KV)",
+    )
+    p.add_argument(
+        "--pos-embed",
+        action="store_true",
+        help="a learned embedding of each patch's grid cell in the tower's tokens, so frame "
+        "tokens say where things are (with --init-from a tower without it, it starts at zero)",
+    )
+    p.add_argument(
+        "--pooled-last",
+        action="store_true",
+        help="each frame's pooled whole-frame token after its grid cells, so it is the frame's "
+        "last token (sees the whole frame; with --keep-last, the token routed layers keep)",
+    )
+    p.add_argument(
+        "--change-layer",
+        type=int,
+        default=-1,
+        metavar="L",
+        help="also read the per-cell change targets (what moved, which event) from the vision "
+        "tokens' states at the input of decoder layer L, where text still reads them (with "
+        "LayerExperts on 1, 3: L=2); -1: only from the final states",
+    )
+    p.add_argument(
+        "--name-weight",
+        type=float,
+        default=1.0,
+        help="LM-loss weight of the words that name an object (colours, shapes) against 1 for "
+        "the others: naming the object that moved is one word of its narration",
+    )
+    p.add_argument(
+        "--narration-delay",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="narrate events of --delay-kinds this many frames after they happen (below the "
+        "world's 3-frame event gap; the eval's 2 s window still matches them): a move is then "
+        "narrated when the object has moved twice",
+    )
+    p.add_argument(
+        "--delay-kinds",
+        default="move",
+        metavar="KINDS",
+        help="with --narration-delay: comma-separated event kinds (enter, leave, move, stop, "
+        "recolour, dim, brighten, cut) or 'all'",
+    )
+    p.add_argument(
+        "--anneal-keep-ratio",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="lower the routed layers' keep ratio linearly from 1 to --keep-ratio over the "
+        "first STEPS steps (for a start from dense weights, e.g. the twin's; 0: off)",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, default=24, help="frames per training stream")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--speak-weight", type=float, default=3.0)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="per-frame scene loss (0: off)")
+    p.add_argument(
+        "--tower-blocks",
+        type=int,
+        default=1,
+        help="residual convs at the tower's last scale (0: the first demo model's tower)",
+    )
+    p.add_argument(
+        "--decoder-layers",
+        type=int,
+        default=4,
+        help="decoder depth, LayerExperts on every other layer; with --init-from, layers past "
+        "the earlier run's depth start as identity",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN",
+        help="start from another run's weights, or a native checkpoint's such as "
+        "engines/demo-checkpoint (new tower blocks at zero); with --full-world, a fine-tuning "
+        "run",
+    )
+    p.add_argument(
+        "--full-world", action="store_true", help="no curriculum: the full world from step 0"
+    )
+    p.add_argument(
+        "--router-weight",
+        type=float,
+        default=0.0,
+        help="weight of a loss teaching the MoD routers which tokens show the action (0: off)",
+    )
+    p.add_argument(
+        "--router-target",
+        default="scene",
+        choices=ROUTER_TARGETS,
+        help="with --router-weight, what the routers learn to keep: the scene's moving and "
+        "event cells and the pooled token (scene), or only what a narration is about (actor)",
+    )
+    p.add_argument(
+        "--distill-from",
+        default=None,
+        metavar="RUN",
+        help="a run (the full-compute twin) whose next-token distributions this one learns too",
+    )
+    p.add_argument(
+        "--distill-weight", type=float, default=1.0, help="with --distill-from: the KL's weight"
+    )
+    p.add_argument(
+        "--gate",
+        default="sigmoid",
+        choices=GATES,
+        help="how a router weighs a kept token's update: sigmoid(score) (MoD), or 1 with the "
+        "sigmoid's gradient (straight-through: a router chooses, it cannot switch layers off)",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--snapshot",
+        default=None,
+        metavar="DIR",
+        help="only write OUT's latest checkpoint as a native checkpoint to DIR, and exit",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="with --snapshot: the speak threshold"
+    )
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig from its flags; a contradictory combination exits with the reason."""
+    try:
+        NarrationDelay.parse(args.narration_delay, args.delay_kinds)
+    except ValueError as e:
+        raise SystemExit(f"--narration-delay/--delay-kinds: {e}") from None
+    if args.decoder_layers < 2:
+        raise SystemExit(
+            f"--decoder-layers {args.decoder_layers}: the decoder needs at least 2 layers "
+            "(LayerExperts sit on every other one: 1, 3, ...)"
+        )
+    if args.router_target != "scene" and args.router_weight <= 0:
+        raise SystemExit(
+            f"--router-target {args.router_target} has no effect without the router loss: "
+            "add --router-weight (e.g. 1)"
+        )
+    if args.keep_last and (args.full_compute or args.keep_ratio >= 1.0):
+        raise SystemExit(
+            "--keep-last chooses which tokens routed layers keep; the full-compute twin "
+            "(r = 1) keeps every token: drop one of them"
+        )
+    if args.anneal_keep_ratio and (args.full_compute or args.keep_ratio >= 1.0):
+        raise SystemExit(
+            "--anneal-keep-ratio lowers the keep ratio toward --keep-ratio; the full-compute "
+            "twin (r = 1) has nothing to anneal: drop one of them"
+        )
+    if args.anneal_keep_ratio < 0 or args.anneal_keep_ratio > (args.steps or 3000):
+        raise SystemExit(
+            f"--anneal-keep-ratio {args.anneal_keep_ratio}: give a step count between 0 and "
+            f"--steps ({args.steps or 3000}), so the run ends at --keep-ratio"
+        )
+    return TrainConfig(
+        seed=args.seed,
+        steps=args.steps or 3000,
+        batch_size=args.batch_size,
+        num_frames=args.frames,
+        lr=args.lr,
+        speak_weight=args.speak_weight,
+        aux_weight=args.aux_weight,
+        keep_ratio=1.0 if args.full_compute else args.keep_ratio,
+        tower_blocks=args.tower_blocks,
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
+        stage_fractions=(0.0, 0.0) if args.full_world else TrainConfig.stage_fractions,
+        router_weight=args.router_weight,
+        distill_from=str(Path(args.distill_from).resolve()) if args.distill_from else "",
+        distill_weight=args.distill_weight if args.distill_from else 0.0,
+        gate=args.gate,
+        router_target=args.router_target,
+        decoder_layers=args.decoder_layers,
+        anneal_steps=args.anneal_keep_ratio,
+        keep_last=args.keep_last,
+        pos_embed=args.pos_embed,
+        mod_layers=args.mod_layers,
+        pooled_last=args.pooled_last,
+        change_layer=args.change_layer,
+        name_weight=args.name_weight,
+        narration_delay=args.narration_delay,
+        delay_kinds=args.delay_kinds if args.narration_delay else "",
+    )
