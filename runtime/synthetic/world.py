@@ -6,6 +6,9 @@ frame, at most a few are on screen, and events are spaced `min_event_gap` frames
 narration belongs to exactly one frame. Motion is planned when it starts (where it stops or
 when it leaves), which is what lets the planner keep every event - planned or spontaneous -
 spaced out and every trajectory collision-free.
+
+This module is the generator (planning, events, the public `iter_stream` / `generate_stream`);
+the types it fills in are in `state`, the questions in `questions`, the pixels in `render`.
 """
 
 from __future__ import annotations
@@ -13,40 +16,51 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import cv2
 import numpy as np
 
 from .grammar import (
-    COLOURS,
     DIRECTIONS,
-    EVENT_KINDS,
-    NUMBERS,
-    POSITIONS,
-    SHAPES,
     SIZES,
     EventKind,
     QuestionKind,
     narrate,
-    question_text,
 )
+from .questions import questions_for_state
+from .render import PALETTE, Renderer
+from .state import (
+    BACKGROUNDS,
+    EDGE_MARGIN,
+    Event,
+    FrameState,
+    ObjectState,
+    Question,
+    Stream,
+    StreamStep,
+    WorldConfig,
+    curriculum,
+)
+
+# The world's types and its questions live in their own modules; importing them from here
+# keeps working.
+__all__ = [
+    "BACKGROUNDS",
+    "PALETTE",
+    "Event",
+    "FrameState",
+    "ObjectState",
+    "Question",
+    "Stream",
+    "StreamStep",
+    "WorldConfig",
+    "curriculum",
+    "generate_stream",
+    "iter_stream",
+    "questions_for_state",
+]
 
 log = logging.getLogger(__name__)
 
-BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "textured", "noisy")
-
-# RGB. Every colour has a channel >= 200 and backgrounds stay <= _BG_MAX, so at full brightness
-# an object's exact colour never occurs in the background (tests mask objects by exact colour).
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (235, 45, 45),
-    "green": (40, 200, 60),
-    "blue": (50, 90, 245),
-    "yellow": (240, 220, 40),
-    "white": (245, 245, 245),
-    "purple": (170, 60, 220),
-}
-_BG_MAX = 150
 
 _UNIT_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 _INWARD = {"left": "right", "right": "left", "top": "down", "bottom": "up"}  # side -> direction
@@ -61,204 +75,7 @@ _WEIGHTS = {
     EventKind.BRIGHTEN: 4.0,
     EventKind.CUT: 0.4,
 }
-_EDGE_MARGIN = 1.0  # px between a resting object's box and the frame edge
 _SEPARATION = 3.0  # px kept between any two objects' boxes so they never touch or occlude
-_CELL_MARGIN = 3.0  # px an object's centre must keep from a 3x3 cell border to be "where"-asked
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Everything that shapes a stream; the defaults are the full demo world."""
-
-    height: int = 64  # frame height in pixels
-    width: int = 64  # frame width in pixels
-    fps: float = 2.0  # frames per second; only timestamps use it, motion is per frame
-    max_objects: int = 3  # most objects on screen at once (curriculum: start at 1)
-    event_kinds: tuple[str, ...] = tuple(k.value for k in EVENT_KINDS)  # curriculum subset
-    colours: tuple[str, ...] = COLOURS  # object colours used (subset of grammar.COLOURS)
-    shapes: tuple[str, ...] = SHAPES  # object shapes used (subset of grammar.SHAPES)
-    backgrounds: tuple[str, ...] = BACKGROUNDS  # background styles drawn per scene
-    small_px: int = 16  # bounding-box side of a "small" object
-    large_px: int = 22  # bounding-box side of a "large" object
-    speed_px: tuple[float, float] = (7.0, 12.0)  # range of per-frame displacement when moving
-    min_event_gap: int = 3  # frames between any two events, so narrations are attributable
-    event_prob: float = 0.3  # chance an eligible frame starts a spontaneous event
-    dark_level: float = 0.4  # brightness multiplier while the scene is dark
-    shake_prob: float = 0.2  # chance a scene has camera shake
-    shake_px: int = 2  # most pixels a shaken frame is displaced by
-    noise_prob: float = 0.3  # chance a scene has sensor noise
-    noise_sigma: float = 6.0  # std-dev of the per-frame Gaussian sensor noise (0-255 scale)
-    question_prob: float = 0.1  # chance a frame carries a question (when one is well defined)
-
-    def __post_init__(self) -> None:
-        kinds = {EventKind(k) for k in self.event_kinds}  # ValueError on unknown names
-        problems = []
-        if not 1 <= self.max_objects <= len(NUMBERS) - 1:
-            problems.append(f"max_objects must be 1..{len(NUMBERS) - 1}")
-        if not set(self.colours) <= set(COLOURS) or not self.colours:
-            problems.append(f"colours must be a non-empty subset of {COLOURS}")
-        if not set(self.shapes) <= set(SHAPES) or not self.shapes:
-            problems.append(f"shapes must be a non-empty subset of {SHAPES}")
-        if not set(self.backgrounds) <= set(BACKGROUNDS) or not self.backgrounds:
-            problems.append(f"backgrounds must be a non-empty subset of {BACKGROUNDS}")
-        if self.large_px + 2 * _EDGE_MARGIN > min(self.height, self.width) / 2:
-            problems.append("large_px must fit twice across the frame")
-        if not 0 < self.speed_px[0] <= self.speed_px[1] < self.small_px:
-            # Faster than its own size, an object could leave in the frame it starts moving.
-            problems.append("speed_px must be (low, high) with 0 < low <= high < small_px")
-        if self.min_event_gap < 1:
-            problems.append("min_event_gap must be >= 1")
-        if kinds & {EventKind.ENTER, EventKind.MOVE} and not kinds & {
-            EventKind.STOP,
-            EventKind.LEAVE,
-        }:
-            problems.append(
-                "enter/move need stop or leave in event_kinds: motion must end in an event"
-            )
-        if problems:
-            raise ValueError("invalid WorldConfig: " + "; ".join(problems))
-
-
-def curriculum(stage: int) -> WorldConfig:
-    """Configs from one clean object (stage 0) to the full world (stage >= 2)."""
-    if stage <= 0:
-        return WorldConfig(
-            max_objects=1,
-            event_kinds=("enter", "leave", "move", "stop"),
-            backgrounds=("plain",),
-            shake_prob=0.0,
-            noise_prob=0.0,
-        )
-    if stage == 1:
-        return WorldConfig(
-            max_objects=2,
-            event_kinds=("enter", "leave", "move", "stop", "recolour", "dim", "brighten"),
-            backgrounds=("plain", "gradient"),
-            shake_prob=0.0,
-            noise_prob=0.1,
-        )
-    return WorldConfig()
-
-
-@dataclass(frozen=True)
-class ObjectState:
-    """One visible object in one frame."""
-
-    object_id: int  # unique within a stream; narration names objects by colour + shape
-    shape: str
-    colour: str
-    size: str  # "small" | "large"
-    size_px: int  # side of the bounding box; every shape is drawn to fill it
-    x: float  # bounding-box centre in pixel-index coordinates (column), before camera shake
-    y: float  # likewise the row
-    vx: float  # displacement since the previous frame, pixels per frame
-    vy: float
-    moving: bool
-    fully_visible: bool  # the whole bounding box is inside the frame
-
-
-@dataclass(frozen=True)
-class FrameState:
-    """Ground truth for one frame."""
-
-    index: int
-    time_s: float
-    scene_id: int  # increments at every cut
-    background: str  # one of BACKGROUNDS
-    brightness: float  # 1.0, or config.dark_level while dark
-    shake: tuple[int, int]  # (dx, dy) pixels the camera moved this frame
-    noise_sigma: float  # sensor noise std-dev this frame; 0 when clean
-    objects: tuple[ObjectState, ...]
-
-    @property
-    def dark(self) -> bool:
-        return self.brightness < 1.0
-
-    @property
-    def clean(self) -> bool:
-        """Pixels are exact: full brightness, no shake, no noise."""
-        return not self.dark and self.shake == (0, 0) and self.noise_sigma == 0.0
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something that happened at a frame, with its one narration sentence."""
-
-    frame_index: int  # the first frame in which the change is visible
-    time_s: float
-    kind: EventKind
-    text: str
-    object_id: int | None = None  # None for global events (dim, brighten, cut)
-    colour: str | None = None  # the object's colour before the event
-    shape: str | None = None
-    direction: str | None = None  # enter: side it came from; move: where it is going
-    new_colour: str | None = None  # recolour only
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "frame_index": self.frame_index,
-            "time_s": self.time_s,
-            "kind": self.kind.value,
-            "text": self.text,
-            "object_id": self.object_id,
-            "colour": self.colour,
-            "shape": self.shape,
-            "direction": self.direction,
-            "new_colour": self.new_colour,
-        }
-
-
-@dataclass(frozen=True)
-class Question:
-    """A question about the frame it is asked at, with its single correct answer."""
-
-    frame_index: int  # asked after this frame was seen
-    time_s: float
-    kind: QuestionKind
-    text: str
-    answer: str
-    object_id: int | None = None  # the object it is about, if any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "frame_index": self.frame_index,
-            "time_s": self.time_s,
-            "kind": self.kind.value,
-            "text": self.text,
-            "answer": self.answer,
-            "object_id": self.object_id,
-        }
-
-
-@dataclass(frozen=True)
-class StreamStep:
-    """One frame of `iter_stream`."""
-
-    image: np.ndarray  # (height, width, 3) uint8 RGB
-    state: FrameState
-    events: tuple[Event, ...]  # events whose frame_index is this frame (at most one)
-    questions: tuple[Question, ...]  # questions asked after this frame
-
-
-@dataclass(frozen=True)
-class Stream:
-    """A whole generated stream held in memory."""
-
-    seed: int
-    config: WorldConfig
-    fps: float
-    frames: np.ndarray  # (T, height, width, 3) uint8 RGB
-    states: tuple[FrameState, ...]
-    events: tuple[Event, ...]
-    questions: tuple[Question, ...]
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.states)
-
-    def narrations(self) -> list[tuple[float, str]]:
-        """(time_s, text) of every event: the perfect narrator's output."""
-        return [(e.time_s, e.text) for e in self.events]
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +144,7 @@ class _World:
         self.next_oid = 0
         self.last_event = -config.min_event_gap  # frame 0 is the scene's opening, never an event
         self.brightness = 1.0
-        self.renderer = _Renderer(config, self.pixel_rng)
+        self.renderer = Renderer(config, self.pixel_rng)
         self.scene = self._new_scene(0)
 
     # ---- scene and object creation ----
@@ -367,7 +184,7 @@ class _World:
         if identity is None:
             return None
         size, px = self._size()
-        lo = px / 2 + _EDGE_MARGIN
+        lo = px / 2 + EDGE_MARGIN
         for _ in range(30):
             x = float(self.rng.uniform(lo, self.cfg.width - lo))
             y = float(self.rng.uniform(lo, self.cfg.height - lo))
@@ -382,7 +199,7 @@ class _World:
         return [r for b in self.scene.bodies if b is not exclude for r in b.pending(f)]
 
     def _fully_inside(self, x: float, y: float, px: int) -> bool:
-        h = px / 2 + _EDGE_MARGIN
+        h = px / 2 + EDGE_MARGIN
         return h <= x <= self.cfg.width - h and h <= y <= self.cfg.height - h
 
     def _outside(self, x: float, y: float, px: int) -> bool:
@@ -484,7 +301,7 @@ class _World:
             ux, uy = _UNIT_VECTORS[_INWARD[side]]
             # At least half the object is visible on its first frame, so the entry is seen.
             depth = float(rng.uniform(0.5, 1.0)) * px - px / 2
-            lo = px / 2 + _EDGE_MARGIN
+            lo = px / 2 + EDGE_MARGIN
             if ux:
                 x = depth if ux > 0 else cfg.width - depth
                 y = float(rng.uniform(lo, cfg.height - lo))
@@ -647,178 +464,6 @@ class _World:
 def _overlap(x1: float, y1: float, s1: int, x2: float, y2: float, s2: int) -> bool:
     reach = (s1 + s2) / 2 + _SEPARATION
     return abs(x1 - x2) < reach and abs(y1 - y2) < reach
-
-
-# --------------------------------------------------------------------------------------------
-# Questions
-
-
-def _direction(o: ObjectState) -> str:
-    if abs(o.vx) >= abs(o.vy):
-        return "right" if o.vx > 0 else "left"
-    return "down" if o.vy > 0 else "up"
-
-
-def _cell(value: float, extent: int) -> int | None:
-    """Index 0..2 of the third `value` falls in; None when too close to a border to be sure."""
-    for border in (extent / 3, 2 * extent / 3):
-        if abs(value - border) < _CELL_MARGIN:
-            return None
-    return min(2, int(value * 3 // extent))
-
-
-def questions_for_state(state: FrameState, config: WorldConfig = WorldConfig()) -> list[Question]:
-    """Every question with exactly one correct answer in `state`.
-
-    None while an object is partly off screen: how many objects there are is then a matter
-    of opinion. Questions name only shapes and colours in `config`, so "no" answers stay
-    within what the curriculum stage has shown.
-    """
-    objects = state.objects
-    if any(not o.fully_visible for o in objects):
-        return []
-    out: list[Question] = []
-
-    def add(kind: QuestionKind, answer: str, o: ObjectState | None = None, **names: str) -> None:
-        text = question_text(kind, names.get("colour"), names.get("shape"))
-        oid = o.object_id if o is not None else None
-        out.append(Question(state.index, state.time_s, kind, text, answer, oid))
-
-    add(QuestionKind.COUNT, NUMBERS[len(objects)])
-    add(QuestionKind.DARK, "yes" if state.dark else "no")
-    for shape in config.shapes:
-        same = [o for o in objects if o.shape == shape]
-        if len(same) == 1:
-            add(QuestionKind.COLOUR, same[0].colour, same[0], shape=shape)
-    for colour in config.colours:
-        same = [o for o in objects if o.colour == colour]
-        if len(same) == 1:
-            add(QuestionKind.SHAPE, same[0].shape, same[0], colour=colour)
-    present = {(o.colour, o.shape) for o in objects}
-    for colour in config.colours:
-        for shape in config.shapes:
-            if (colour, shape) not in present:
-                add(QuestionKind.EXISTS, "no", colour=colour, shape=shape)
-    for o in objects:
-        names = {"colour": o.colour, "shape": o.shape}
-        add(QuestionKind.EXISTS, "yes", o, **names)
-        add(QuestionKind.MOVING, "yes" if o.moving else "no", o, **names)
-        add(QuestionKind.SIZE, o.size, o, **names)
-        if o.moving:
-            add(QuestionKind.DIRECTION, _direction(o), o, **names)
-        col, row = _cell(o.x, config.width), _cell(o.y, config.height)
-        if col is not None and row is not None:
-            add(QuestionKind.WHERE, POSITIONS[row * 3 + col], o, **names)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Pixels
-
-
-def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
-    angles = -np.pi / 2 + np.arange(2 * points) * np.pi / points
-    radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
-    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
-
-
-def _fit_unit_box(poly: np.ndarray) -> np.ndarray:
-    """Scale uniformly and centre so the bounding box is centred and its longer side is 1."""
-    lo, hi = poly.min(axis=0), poly.max(axis=0)
-    return (poly - (lo + hi) / 2) / (hi - lo).max()
-
-
-# Polygons in a unit box centred at 0, so a shape's bounding-box centre is the object's (x, y).
-_POLYGONS = {
-    "square": np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]),
-    "triangle": np.array([[0.0, -0.5], [0.5, 0.5], [-0.5, 0.5]]),
-    "star": _fit_unit_box(_star()),
-}
-_SHIFT = 4  # cv2 fixed-point bits: sub-pixel positions keep slow motion smooth
-_ONE = 1 << _SHIFT
-
-
-class _Renderer:
-    """Draws frames with cv2 primitives onto a padded background (padding absorbs shake)."""
-
-    def __init__(self, config: WorldConfig, rng: np.random.Generator) -> None:
-        self.cfg = config
-        self.rng = rng  # per-frame sensor noise only
-        self.pad = config.shake_px
-        self.canvas = np.empty(
-            (config.height + 2 * self.pad, config.width + 2 * self.pad, 3), dtype=np.uint8
-        )
-
-    def background(self, kind: str, rng: np.random.Generator) -> np.ndarray:
-        h, w = self.canvas.shape[:2]
-
-        def tone() -> np.ndarray:
-            grey = rng.uniform(25, 110)
-            return np.clip(grey + rng.uniform(-18, 18, size=3), 0, _BG_MAX)
-
-        base = tone()
-        img = np.broadcast_to(base, (h, w, 3)).astype(np.float32)
-        if kind == "gradient":
-            angle = rng.uniform(0, 2 * np.pi)
-            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-            t = xx * np.cos(angle) + yy * np.sin(angle)
-            t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
-            img = img * (1 - t[..., None]) + tone().astype(np.float32) * t[..., None]
-        elif kind == "textured":
-            amp = rng.uniform(10, 22)
-            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-            pattern = int(rng.integers(3))
-            if pattern == 0:  # stripes
-                period, angle = rng.uniform(6, 14), rng.uniform(0, np.pi)
-                wave = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
-            elif pattern == 1:  # checkerboard
-                cell = int(rng.integers(4, 10))
-                wave = (((xx // cell) + (yy // cell)) % 2) * 2 - 1
-            else:  # soft blobs
-                coarse = rng.uniform(-1, 1, size=(6, 6)).astype(np.float32)
-                wave = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
-            img = img + amp * wave[..., None]
-        elif kind == "noisy":
-            img = img + rng.normal(0, rng.uniform(6, 12), size=(h, w, 3))
-        return np.clip(np.rint(img), 0, _BG_MAX).astype(np.uint8)
-
-    def render(self, state: FrameState, background: np.ndarray, shaky: bool) -> np.ndarray:
-        cfg, pad, canvas = self.cfg, self.pad, self.canvas
-        np.copyto(canvas, background)
-        for o in state.objects:
-            self._draw(canvas, o, pad)
-        dx, dy = state.shake
-        # Shake moves the camera, so the picture moves the other way.
-        view = canvas[pad - dy : pad - dy + cfg.height, pad - dx : pad - dx + cfg.width]
-        if state.brightness != 1.0:
-            image = cv2.convertScaleAbs(view, alpha=state.brightness)
-        else:
-            image = view.copy()
-        if state.noise_sigma > 0:
-            noise = self._noise(state.noise_sigma)
-            image = np.clip(image + noise, 0, 255).astype(np.uint8)
-        return image
-
-    def _noise(self, sigma: float) -> np.ndarray:
-        shape = (self.cfg.height, self.cfg.width, 3)
-        return self.rng.standard_normal(shape, dtype=np.float32) * sigma
-
-    def _draw(self, canvas: np.ndarray, o: ObjectState, pad: int) -> None:
-        colour = PALETTE[o.colour]
-        cx, cy = o.x + pad, o.y + pad
-        span = o.size_px - 1  # pixel centres span size-1, so the drawn box is size_px wide
-        if o.shape in ("circle", "ring"):
-            centre = (round(cx * _ONE), round(cy * _ONE))
-            radius = span / 2
-            if o.shape == "circle":
-                cv2.circle(canvas, centre, round(radius * _ONE), colour, -1, cv2.LINE_8, _SHIFT)
-            else:
-                thick = max(2, round(radius * 0.45))
-                mid = radius - thick / 2
-                cv2.circle(canvas, centre, round(mid * _ONE), colour, thick, cv2.LINE_8, _SHIFT)
-            return
-        pts = np.rint((_POLYGONS[o.shape] * span + (cx, cy)) * _ONE).astype(np.int32)
-        cv2.fillPoly(canvas, [pts], colour, cv2.LINE_8, _SHIFT)
 
 
 # --------------------------------------------------------------------------------------------
