@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -53,8 +54,14 @@ class StreamingModel(nn.Module):
 # ---- onsight's native format: config.json + model.safetensors + tokenizer.json ----
 
 
-def save_native(model: StreamingModel, tokenizer_json: str | Path, out_dir: str | Path) -> Path:
-    """Write atomically: a temporary sibling directory renamed into place."""
+def save_native(
+    model: StreamingModel,
+    tokenizer_json: str | Path,
+    out_dir: str | Path,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write atomically: a temporary sibling directory renamed into place. `extra_files`
+    ({name: text}) go in with the rest, e.g. the training config of a demo model."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -67,6 +74,8 @@ def save_native(model: StreamingModel, tokenizer_json: str | Path, out_dir: str 
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "onsight"})
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -455,3 +455,33 @@ def test_narration_delay_moves_the_chosen_kinds_speak_frames(demo_tok):
         NarrationDelay.parse(1, "move,jump")
     assert NarrationDelay.parse(1, "all").kinds[0] == "enter"
     assert NarrationDelay.parse(0, "all") == NarrationDelay()
+
+
+def test_snapshot_keeps_the_run_config_and_eval_narrates_where_it_was_trained_to(tmp_path):
+    """A snapshot carries train_config.json; the teacher-forced eval reads its narration delay
+    and lays the narrations out there (a checkpoint without one: on the event frame)."""
+    import shutil
+
+    from onsight.exporter.demo.evaluate import held_out_streams, teacher_forced_metrics
+    from onsight.exporter.demo.train import snapshot, train
+    from onsight.exporter.demo.train_config import CONFIG_FILE, checkpoint_delay
+
+    torch.set_num_threads(1)
+    tcfg = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
+    tcfg = dataclasses.replace(tcfg, narration_delay=1, delay_kinds="move,leave")
+    train(tmp_path / "run", tcfg, "cpu", resume=False, minutes=None)
+    ckpt = snapshot(tmp_path / "run", tmp_path / "ckpt", threshold=0.5)
+    assert TrainConfig.from_json((ckpt / CONFIG_FILE).read_text()) == tcfg
+    assert checkpoint_delay(ckpt).frames == 1 and checkpoint_delay(ckpt).kinds == ("move", "leave")
+    plain = shutil.copytree(ckpt, tmp_path / "plain")
+    (plain / CONFIG_FILE).unlink()
+    assert checkpoint_delay(plain).frames == 0
+    data = [
+        s
+        for s in held_out_streams(streams=6, frames=20)
+        if any(e.kind.value in ("move", "leave") and e.frame_index < 19 for e in s.events)
+    ]
+    assert data
+    late, on_time = teacher_forced_metrics(ckpt, data), teacher_forced_metrics(plain, data)
+    assert late.n_turns == on_time.n_turns  # the same narrations, laid out elsewhere
+    assert late.perplexity != on_time.perplexity

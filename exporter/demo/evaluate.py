@@ -329,6 +329,7 @@ def teacher_forced_metrics(
 
     from onsight.exporter.demo.data import IGNORE, build_example
     from onsight.exporter.demo.objective import batched_hidden
+    from onsight.exporter.demo.train_config import checkpoint_delay
     from onsight.exporter.model import load_native
     from onsight.runtime.template import build_template_ids
 
@@ -339,6 +340,7 @@ def teacher_forced_metrics(
     if threshold is None:
         threshold = float(model.cfg.template.threshold)
     dec = model.decoder
+    delay = checkpoint_delay(checkpoint)  # narrations where the model was trained to say them
     tally = TeacherForcedTally()
     for stream in streams:
         # Questions are left out: answers are scored by accuracy, not perplexity.
@@ -351,6 +353,7 @@ def teacher_forced_metrics(
             lambda s: tok.encode(s, add_special_tokens=False).ids,
             v_id,
             model.cfg.tokens_per_frame,
+            delay,
         )
         with torch.no_grad():
             x = batched_hidden(

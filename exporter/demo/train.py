@@ -29,11 +29,17 @@ from onsight.exporter.config import (
     VisionConfig,
     parse_mod_layers,
 )
-from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource, NarrationDelay
+from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, Batch, BatchSource
 from onsight.exporter.demo.objective import compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
 from onsight.exporter.demo.train_args import config_from_args, parse_args
-from onsight.exporter.demo.train_config import TrainConfig, keep_ratio_at, lr_at, stage_at
+from onsight.exporter.demo.train_config import (
+    CONFIG_FILE,
+    TrainConfig,
+    keep_ratio_at,
+    lr_at,
+    stage_at,
+)
 from onsight.exporter.model import StreamingModel, save_native
 
 log = logging.getLogger(__name__)
@@ -128,7 +134,7 @@ def make_source(tokenizer_json: str, tcfg: TrainConfig, tokens_per_frame: int) -
         num_frames=tcfg.num_frames,
         question_prob=tcfg.question_prob,
         seed=tcfg.seed,
-        delay=NarrationDelay.parse(tcfg.narration_delay, tcfg.delay_kinds),
+        delay=tcfg.delay,
     )
 
 
@@ -501,7 +507,9 @@ def snapshot(run_dir: Path, native_out: Path, threshold: float | None = None) ->
     if threshold is not None:
         tpl = dataclasses.replace(model.cfg.template, threshold=threshold)
         model = model.with_config(model.cfg.replace(template=tpl))
-    return save_native(model.eval(), run_dir / "tokenizer.json", native_out)
+    tcfg = TrainConfig.from_json(load_state(run_dir / STATE_FILE)["train_config"])
+    config = {CONFIG_FILE: json.dumps(asdict(tcfg), indent=2) + "\n"}
+    return save_native(model.eval(), run_dir / "tokenizer.json", native_out, extra_files=config)
 
 
 def main(argv: list[str]) -> int:

@@ -6,6 +6,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+
+from onsight.exporter.demo.data import NarrationDelay
+
+# A native checkpoint written by `train-demo --snapshot` keeps the run's TrainConfig here.
+CONFIG_FILE = "train_config.json"
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,17 @@ class TrainConfig:
         """A config saved by an earlier run (JSON turns its tuples into lists)."""
         d = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @property
+    def delay(self) -> NarrationDelay:
+        return NarrationDelay.parse(self.narration_delay, self.delay_kinds)
+
+
+def checkpoint_delay(checkpoint: str | Path) -> NarrationDelay:
+    """Where a demo checkpoint narrates events (its run's --narration-delay); on the event
+    frame for checkpoints without a training config (older snapshots, other models)."""
+    path = Path(checkpoint) / CONFIG_FILE
+    return TrainConfig.from_json(path.read_text()).delay if path.is_file() else NarrationDelay()
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
