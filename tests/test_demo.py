@@ -409,11 +409,8 @@ def test_teacher_forced_metrics_on_a_tiny_model(tiny_tokenizer, tmp_path):
     from conftest import make_tiny_model
 
     from onsight.exporter.config import PreprocessConfig
-    from onsight.exporter.demo.evaluate import (
-        held_out_streams,
-        narration_perplexity,
-        teacher_forced_metrics,
-    )
+    from onsight.exporter.demo.evaluate import held_out_streams
+    from onsight.exporter.demo.teacher_forced import narration_perplexity, teacher_forced_metrics
     from onsight.exporter.model import StreamingModel, save_native
 
     tok, vocab = tiny_tokenizer
@@ -438,7 +435,7 @@ def test_fluency_and_lm_correctness_on_hand_made_logits(tiny_tokenizer):
     from tokenizers import Tokenizer
 
     from onsight.exporter.config import TemplateConfig
-    from onsight.exporter.demo.evaluate import TeacherForcedTally, turn_fluency
+    from onsight.exporter.demo.teacher_forced import TeacherForcedTally, turn_fluency
 
     tok_path, vocab = tiny_tokenizer
     tok = Tokenizer.from_file(str(tok_path))

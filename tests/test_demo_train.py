@@ -462,7 +462,8 @@ def test_snapshot_keeps_the_run_config_and_eval_narrates_where_it_was_trained_to
     and lays the narrations out there (a checkpoint without one: on the event frame)."""
     import shutil
 
-    from onsight.exporter.demo.evaluate import held_out_streams, teacher_forced_metrics
+    from onsight.exporter.demo.evaluate import held_out_streams
+    from onsight.exporter.demo.teacher_forced import teacher_forced_metrics
     from onsight.exporter.demo.train import snapshot, train
     from onsight.exporter.demo.train_config import CONFIG_FILE, checkpoint_delay
 
