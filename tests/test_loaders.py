@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from onsight.exporter.config import ModConfig
-from onsight.exporter.loaders import detect_format, load_checkpoint, prepare_tokenizer
+from onsight.exporter.llm_tokenizer import prepare_tokenizer
+from onsight.exporter.loaders import detect_format, load_checkpoint
 from onsight.exporter.model import save_native
 from onsight.exporter.reference import Segment, recompute_logits, reference_loop
 from onsight.runtime.errors import CheckpointError
@@ -365,7 +366,7 @@ def test_tokenizer_copy_is_removed_at_exit(ck):
     # the copy with <v> added must not pile up in /tmp, one per load
     code = (
         "import sys; from pathlib import Path; "
-        "from onsight.exporter.loaders import prepare_tokenizer; "
+        "from onsight.exporter.llm_tokenizer import prepare_tokenizer; "
         f"out = prepare_tokenizer(Path({str(ck.tok_plain)!r}), {ck.vocab}, exact=False); "
         "assert out.is_file() and '<v>' in out.read_text(); print(out)"
     )
