@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from onsight.exporter.config import ModConfig, parse_mod_layers, parse_tokens_per_frame
-from onsight.exporter.model import StreamingModel
+from onsight.exporter.model import StreamingModel, staging_dir
 from onsight.exporter.onnx_export import export_graphs
 from onsight.exporter.parity import run_parity
 from onsight.exporter.reference import layout_for
@@ -258,8 +257,7 @@ def export_bundle(
     layout = layout_for(model, opts.kv_capacity, reserve)
     if dtype == torch.float16:
         layout = dataclasses.replace(layout, dtype="float16")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(out, "partial-")
     try:
         t0 = time.perf_counter()
         say(

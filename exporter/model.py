@@ -54,6 +54,19 @@ class StreamingModel(nn.Module):
 # ---- onsight's native format: config.json + model.safetensors + tokenizer.json ----
 
 
+def staging_dir(out: Path, tag: str = "") -> Path:
+    """An empty sibling of `out` to write into and then rename onto `out` (atomic publish).
+
+    mkdtemp makes it private (0700); it is opened to what a plain mkdir makes under the
+    usual umask (0755), so the published bundle or checkpoint is readable by other users
+    (a robot's service account, a shared board) like any directory the user creates.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}", dir=out.parent))
+    tmp.chmod(0o755)
+    return tmp
+
+
 def save_native(
     model: StreamingModel,
     tokenizer_json: str | Path,
@@ -67,8 +80,7 @@ def save_native(
     out = Path(out_dir)
     if out.exists():
         raise CheckpointError(f"{out} already exists; choose another directory or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         (tmp / "config.json").write_text(model.cfg.to_json())
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

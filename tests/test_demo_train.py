@@ -473,6 +473,7 @@ def test_snapshot_keeps_the_run_config_and_eval_narrates_where_it_was_trained_to
     train(tmp_path / "run", tcfg, "cpu", resume=False, minutes=None)
     ckpt = snapshot(tmp_path / "run", tmp_path / "ckpt", threshold=0.5)
     assert TrainConfig.from_json((ckpt / CONFIG_FILE).read_text()) == tcfg
+    assert ckpt.stat().st_mode & 0o777 == 0o755  # readable by others, like a plain mkdir
     assert checkpoint_delay(ckpt).frames == 1 and checkpoint_delay(ckpt).kinds == ("move", "leave")
     plain = shutil.copytree(ckpt, tmp_path / "plain")
     (plain / CONFIG_FILE).unlink()
