@@ -25,7 +25,7 @@ from onsight.runtime.template import build_template_ids
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "engines" / "demo"
 # Measured on the shipped bundle (see engines/demo-checkpoint/TRAINING.md) minus a margin:
-# on these 10 x 40-frame held-out streams it scores exact F1 0.886 and kind F1 0.989.
+# on these 10 x 40-frame held-out streams it scores exact F1 0.867 and kind F1 0.983.
 SHIPPED_F1_FLOOR = 0.8
 SHIPPED_KIND_F1_FLOOR = 0.9
 
@@ -497,7 +497,7 @@ def test_shipped_frame_tokens_tell_shapes_and_colours_apart():
     from onsight.exporter.demo.probe import probe
 
     result = probe(str(REPO / "engines" / "demo-checkpoint"))
-    assert result["colour_accuracy"] > 0.95 and result["shape_accuracy"] > 0.85  # 0.99 / 0.90
+    assert result["colour_accuracy"] > 0.95 and result["shape_accuracy"] > 0.85  # 0.99 / 0.93
 
 
 def test_long_run_scores_the_last_window_against_a_fresh_start():
