@@ -14,6 +14,7 @@ from onsight.runtime.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 V_TOKEN = "<v>"
+# Chat end-of-turn markers are preferred as the template's eos: it ends every assistant turn.
 _END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>")
 
 # Tokenizer copies with <v> added live until the process exits (the caller writes them into a

@@ -43,7 +43,6 @@ _DEFAULT_NORM = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
-# Chat end-of-turn markers are preferred as the template's eos: it ends every assistant turn.
 
 PathLike = str | Path
 

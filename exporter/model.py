@@ -57,13 +57,15 @@ class StreamingModel(nn.Module):
 def staging_dir(out: Path, tag: str = "") -> Path:
     """An empty sibling of `out` to write into and then rename onto `out` (atomic publish).
 
-    mkdtemp makes it private (0700); it is opened to what a plain mkdir makes under the
-    usual umask (0755), so the published bundle or checkpoint is readable by other users
-    (a robot's service account, a shared board) like any directory the user creates.
+    mkdtemp makes it private (0700); it gets what a plain mkdir would under the user's umask
+    (0755 under the usual 022), so the published bundle or checkpoint is as readable by other
+    users (a robot's service account, a shared board) as any directory the user creates.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}", dir=out.parent))
-    tmp.chmod(0o755)
+    umask = os.umask(0)  # read it: os.umask only reads by setting
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     return tmp
 
 

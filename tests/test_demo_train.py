@@ -4,6 +4,7 @@ distillation and the straight-through gate."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -455,6 +456,19 @@ def test_narration_delay_moves_the_chosen_kinds_speak_frames(demo_tok):
         NarrationDelay.parse(1, "move,jump")
     assert NarrationDelay.parse(1, "all").kinds[0] == "enter"
     assert NarrationDelay.parse(0, "all") == NarrationDelay()
+    # the CLI's checks: kinds only with a delay, below the event gap, at least one known kind
+    from onsight.exporter.demo.train_args import narration_delay
+
+    assert narration_delay(1, None) == NarrationDelay(1, ("move",))
+    assert narration_delay(0, None) == NarrationDelay()
+    for frames, kinds, says in (
+        (0, "leave", "does nothing without --narration-delay"),
+        (3, None, "give 0 to 2 frames"),
+        (1, "jump", "unknown event kind"),
+        (1, ",", "is empty"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            narration_delay(frames, kinds)
 
 
 def test_snapshot_keeps_the_run_config_and_eval_narrates_where_it_was_trained_to(tmp_path):
@@ -462,20 +476,28 @@ def test_snapshot_keeps_the_run_config_and_eval_narrates_where_it_was_trained_to
     and lays the narrations out there (a checkpoint without one: on the event frame)."""
     import shutil
 
+    from onsight.exporter.demo.data import NarrationDelay
     from onsight.exporter.demo.evaluate import held_out_streams
     from onsight.exporter.demo.teacher_forced import teacher_forced_metrics
     from onsight.exporter.demo.train import snapshot, train
     from onsight.exporter.demo.train_config import CONFIG_FILE, checkpoint_delay
+    from onsight.runtime.errors import CheckpointError
 
     torch.set_num_threads(1)
     tcfg = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
     tcfg = dataclasses.replace(tcfg, narration_delay=1, delay_kinds="move,leave")
-    train(tmp_path / "run", tcfg, "cpu", resume=False, minutes=None)
+    native = train(tmp_path / "run", tcfg, "cpu", resume=False, minutes=None)
+    assert checkpoint_delay(native) == NarrationDelay(1, ("move", "leave"))  # end-of-run too
     ckpt = snapshot(tmp_path / "run", tmp_path / "ckpt", threshold=0.5)
     assert TrainConfig.from_json((ckpt / CONFIG_FILE).read_text()) == tcfg
-    assert ckpt.stat().st_mode & 0o777 == 0o755  # readable by others, like a plain mkdir
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ckpt.stat().st_mode & 0o777 == 0o777 & ~umask  # as a plain mkdir, not mkdtemp's 0700
     assert checkpoint_delay(ckpt).frames == 1 and checkpoint_delay(ckpt).kinds == ("move", "leave")
     plain = shutil.copytree(ckpt, tmp_path / "plain")
+    (plain / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a train-demo config"):
+        checkpoint_delay(plain)
     (plain / CONFIG_FILE).unlink()
     assert checkpoint_delay(plain).frames == 0
     data = [
@@ -487,3 +509,17 @@ def test_snapshot_keeps_the_run_config_and_eval_narrates_where_it_was_trained_to
     late, on_time = teacher_forced_metrics(ckpt, data), teacher_forced_metrics(plain, data)
     assert late.n_turns == on_time.n_turns  # the same narrations, laid out elsewhere
     assert late.perplexity != on_time.perplexity
+
+
+def test_resume_says_which_new_flags_it_ignores(tmp_path, caplog):
+    """--resume continues with the run's saved settings; flags that differ are named."""
+    from onsight.exporter.demo.train import train
+
+    torch.set_num_threads(1)
+    tcfg = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
+    train(tmp_path / "run", tcfg, "cpu", resume=False, minutes=None)
+    other = dataclasses.replace(tcfg, narration_delay=1, delay_kinds="move", lr=1e-4)
+    with caplog.at_level("WARNING"):
+        train(tmp_path / "run", other, "cpu", resume=True, minutes=None, extend_to=3)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "lr, narration_delay, delay_kinds" in said and "start a new --out" in said

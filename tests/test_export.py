@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,9 @@ def test_export_native_bundle_is_valid_and_parity_checked(native_model, tmp_path
     p = manifest["parity"]
     assert p["passed"] and p["max_abs_logit_error"] < 1e-4 and p["same_tokens"] and p["steps"] > 8
     _validate_schema(json.loads((out / "bundle.json").read_text()))
-    assert out.stat().st_mode & 0o777 == 0o755  # published readable, not mkdtemp's 0700
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as a plain mkdir, not mkdtemp's 0700
     b = load_bundle(out)
     assert b.layout.k == (2 if r < 1 else 10)
     assert b.layout.routed == ((1, 3) if r < 1 else ())

@@ -24,7 +24,7 @@ import numpy as np
 from onsight.runtime.stream_loop import TemplateIds
 from onsight.runtime.synthetic import Stream, WorldConfig, curriculum, generate_stream
 from onsight.runtime.synthetic.grammar import COLOURS, EVENT_KINDS, SHAPES
-from onsight.runtime.synthetic.world import FrameState
+from onsight.runtime.synthetic.state import FrameState
 
 IGNORE = -100  # label of positions without an LM loss (torch's cross-entropy default)
 

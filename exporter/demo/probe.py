@@ -87,7 +87,8 @@ def _motion_states(model, tokenizer: Path, streams: int, seed: int) -> dict[str,
     """Vision-token states per layer input (and "final"), with moving / occupied / onset
     labels, over training-world streams (8 per batch, 24 frames)."""
     from onsight.exporter.demo.objective import batched_hidden, in_token_order, rms_normalise
-    from onsight.exporter.demo.train import TrainConfig, make_source, to_tensors
+    from onsight.exporter.demo.train import make_source, to_tensors
+    from onsight.exporter.demo.train_config import TrainConfig
     from onsight.runtime.synthetic.grammar import EVENT_KINDS, EventKind
 
     model = model.eval()

@@ -11,8 +11,8 @@ pass with the ground truth as context, never the model's own earlier outputs:
 - Fluency: per dialogue turn, the share of its predictions that succeed in a row from the
   turn's start. A turn is the frames since the previous narration up to the frame the model
   narrates the event at (the event frame, or later for a kind it was trained to narrate
-  late: `data.NarrationDelay`), then the narration: first one speak-or-stay-silent decision per frame, taken from the
-  logits at the frame's last `<v>` by the runtime's rule (`stream_loop.decide`: p(interval)
+  late: `data.NarrationDelay`), then the narration: first one speak-or-stay-silent decision
+  per frame, taken from the logits at the frame's last `<v>` by the runtime's rule (`stream_loop.decide`: p(interval)
   below the speak threshold, the bundle's or --threshold, is zeroed before the argmax; so
   with a threshold above 0.5, silent exactly when p(interval) >= threshold), a success when
   it stays silent before that frame and speaks at it; then the narration's tokens and

@@ -1,7 +1,8 @@
 """`onsight train-demo`: train the demo model on synthetic streams, resumably, on CPU or GPU.
 
-The model, its schedule, batches made in a worker process, resumable checkpoints and the loop;
-the batched forward and the loss are in `objective`.
+The model, batches made in a worker process, warm starts, resumable checkpoints and the loop;
+the flags are in `train_args`, the config and its schedule in `train_config`, the batched
+forward and the loss in `objective`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from onsight.exporter.demo.objective import compute_loss
 from onsight.exporter.demo.tokenizer import V_TOKEN, demo_template, train_tokenizer
 from onsight.exporter.demo.train_args import config_from_args, parse_args
 from onsight.exporter.demo.train_config import (
-    CONFIG_FILE,
     TrainConfig,
+    config_files,
     keep_ratio_at,
     lr_at,
     stage_at,
@@ -307,15 +308,20 @@ def init_vision(model: StreamingModel) -> None:
 # ---- the loop ----
 
 
-def load_run_model(run_dir: Path) -> StreamingModel:
-    """The model of a train-demo run directory at its latest checkpoint."""
+def load_run(run_dir: Path) -> tuple[StreamingModel, TrainConfig]:
+    """The model of a train-demo run directory at its latest checkpoint, and its config."""
     if not (run_dir / STATE_FILE).is_file():
         raise SystemExit(f"{run_dir}: no {STATE_FILE} there; pass a train-demo --out")
     state = load_state(run_dir / STATE_FILE)
     tcfg = TrainConfig.from_json(state["train_config"])
     model = build_model(run_dir / "tokenizer.json", tcfg)
     model.load_state_dict(state["model"])
-    return model
+    return model, tcfg
+
+
+def load_run_model(run_dir: Path) -> StreamingModel:
+    """The model of a train-demo run directory at its latest checkpoint."""
+    return load_run(run_dir)[0]
 
 
 def load_teacher(run_dir: Path, tok_path: Path, device: str) -> StreamingModel:
@@ -351,6 +357,17 @@ def train(
         state = load_state(state_path)
         saved = TrainConfig.from_json(state["train_config"])
         start = int(state["step"])
+        ignored = [
+            f.name
+            for f in dataclasses.fields(TrainConfig)
+            if f.name != "steps" and getattr(tcfg, f.name) != getattr(saved, f.name)
+        ]
+        if ignored:
+            log.warning(
+                "--resume continues with the run's saved settings; these differ from the "
+                "flags given and are ignored: %s (start a new --out to change them)",
+                ", ".join(ignored),
+            )
         # A longer --steps extends the run: the cosine is re-drawn over the new total.
         tcfg = dataclasses.replace(saved, steps=max(saved.steps, extend_to or 0))
     elif state_path.exists():
@@ -497,19 +514,18 @@ def train(
     native = out / f"native-step{step}"
     if native.exists():
         shutil.rmtree(native)
-    return save_native(model.cpu().eval(), tok_path, native)
+    return save_native(model.cpu().eval(), tok_path, native, extra_files=config_files(tcfg))
 
 
 def snapshot(run_dir: Path, native_out: Path, threshold: float | None = None) -> Path:
     """The run's latest resumable checkpoint as a native checkpoint, optionally with a speak
     threshold calibrated on validation streams (`onsight eval --threshold`)."""
-    model = load_run_model(run_dir)
+    model, tcfg = load_run(run_dir)
     if threshold is not None:
         tpl = dataclasses.replace(model.cfg.template, threshold=threshold)
         model = model.with_config(model.cfg.replace(template=tpl))
-    tcfg = TrainConfig.from_json(load_state(run_dir / STATE_FILE)["train_config"])
-    config = {CONFIG_FILE: json.dumps(asdict(tcfg), indent=2) + "\n"}
-    return save_native(model.eval(), run_dir / "tokenizer.json", native_out, extra_files=config)
+    tok = run_dir / "tokenizer.json"
+    return save_native(model.eval(), tok, native_out, extra_files=config_files(tcfg))
 
 
 def main(argv: list[str]) -> int:

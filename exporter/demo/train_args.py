@@ -9,6 +9,10 @@ from onsight.exporter.config import GATES
 from onsight.exporter.demo.data import NarrationDelay
 from onsight.exporter.demo.objective import ROUTER_TARGETS
 from onsight.exporter.demo.train_config import TrainConfig
+from onsight.runtime.synthetic import curriculum
+
+# The smallest gap between two events in any world a run trains on (the curriculum's stages).
+MIN_EVENT_GAP = min(curriculum(stage).min_event_gap for stage in range(3))
 
 DESCRIPTION = "train the demo model on synthetic streams, resumably, on CPU or GPU"
 
@@ -77,16 +81,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=0,
         metavar="FRAMES",
-        help="narrate events of --delay-kinds this many frames after they happen (below the "
-        "world's 3-frame event gap; the eval's 2 s window still matches them): a move is then "
-        "narrated when the object has moved twice",
+        help=f"narrate events of --delay-kinds this many frames after they happen (below the "
+        f"world's {MIN_EVENT_GAP}-frame event gap; the eval's 2 s window still matches them): "
+        "a move is then narrated when the object has moved twice",
     )
     p.add_argument(
         "--delay-kinds",
-        default="move",
+        default=None,
         metavar="KINDS",
         help="with --narration-delay: comma-separated event kinds (enter, leave, move, stop, "
-        "recolour, dim, brighten, cut) or 'all'",
+        "recolour, dim, brighten, cut) or 'all' (default: move)",
     )
     p.add_argument(
         "--anneal-keep-ratio",
@@ -170,10 +174,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's TrainConfig from its flags; a contradictory combination exits with the reason."""
-    try:
-        NarrationDelay.parse(args.narration_delay, args.delay_kinds)
-    except ValueError as e:
-        raise SystemExit(f"--narration-delay/--delay-kinds: {e}") from None
+    delay = narration_delay(args.narration_delay, args.delay_kinds)
     if args.decoder_layers < 2:
         raise SystemExit(
             f"--decoder-layers {args.decoder_layers}: the decoder needs at least 2 layers "
@@ -224,6 +225,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pooled_last=args.pooled_last,
         change_layer=args.change_layer,
         name_weight=args.name_weight,
-        narration_delay=args.narration_delay,
-        delay_kinds=args.delay_kinds if args.narration_delay else "",
+        narration_delay=delay.frames,
+        delay_kinds=",".join(delay.kinds),
     )
+
+
+def narration_delay(frames: int, kinds: str | None) -> NarrationDelay:
+    """--narration-delay and --delay-kinds, checked: kinds only with a delay, a delay below
+    the world's event gap (so no two narrations share a frame), at least one known kind."""
+    if kinds is not None and not frames:
+        raise SystemExit(
+            f"--delay-kinds {kinds!r} does nothing without --narration-delay FRAMES (e.g. 1)"
+        )
+    if not 0 <= frames < MIN_EVENT_GAP:
+        raise SystemExit(
+            f"--narration-delay {frames}: give 0 to {MIN_EVENT_GAP - 1} frames; events are "
+            f"{MIN_EVENT_GAP} frames apart, so a longer delay would reach the next event"
+        )
+    try:
+        delay = NarrationDelay.parse(frames, "move" if kinds is None else kinds)
+    except ValueError as e:
+        raise SystemExit(f"--delay-kinds: {e}") from None
+    if frames and not delay.kinds:
+        raise SystemExit("--delay-kinds is empty: name at least one event kind, or 'all'")
+    return delay

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from onsight.exporter.demo.data import NarrationDelay
+from onsight.runtime.errors import CheckpointError
 
 # A native checkpoint written by `train-demo --snapshot` keeps the run's TrainConfig here.
 CONFIG_FILE = "train_config.json"
@@ -71,11 +72,25 @@ class TrainConfig:
         return NarrationDelay.parse(self.narration_delay, self.delay_kinds)
 
 
+def config_files(tcfg: TrainConfig) -> dict[str, str]:
+    """The files a native checkpoint of this run carries besides its weights ({name: text})."""
+    return {CONFIG_FILE: json.dumps(asdict(tcfg), indent=2) + "\n"}
+
+
 def checkpoint_delay(checkpoint: str | Path) -> NarrationDelay:
     """Where a demo checkpoint narrates events (its run's --narration-delay); on the event
     frame for checkpoints without a training config (older snapshots, other models)."""
     path = Path(checkpoint) / CONFIG_FILE
-    return TrainConfig.from_json(path.read_text()).delay if path.is_file() else NarrationDelay()
+    if not path.is_file():
+        return NarrationDelay()
+    try:
+        d = json.loads(path.read_text())
+        return NarrationDelay.parse(int(d.get("narration_delay", 0)), d.get("delay_kinds", ""))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path}: not a train-demo config ({e}); delete it to score the checkpoint as "
+            "narrating on the event frame, or write it again with `train-demo --snapshot`"
+        ) from e
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .grammar import normalise, parse_narration
-from .world import Event, FrameState, Question
+from .state import Event, FrameState, Question
 
 MODES: tuple[str, ...] = ("exact", "kind", "timing")
 

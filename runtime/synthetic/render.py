@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
-    from .world import FrameState, ObjectState, WorldConfig
+    from .state import FrameState, ObjectState, WorldConfig
 
 # RGB. Every colour has a channel >= 200 and backgrounds stay <= _BG_MAX, so at full brightness
 # an object's exact colour never occurs in the background (tests mask objects by exact colour).

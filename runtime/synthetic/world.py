@@ -41,8 +41,8 @@ from .state import (
     curriculum,
 )
 
-# The world's types and its questions live in their own modules; importing them from here
-# keeps working.
+# The world's types (state), its questions and its palette (render) live in their own
+# modules; importing them from here keeps working.
 __all__ = [
     "BACKGROUNDS",
     "PALETTE",
