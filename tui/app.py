@@ -13,9 +13,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
 
 import cv2
 from textual import on, work
@@ -25,7 +24,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, Static
 
-from onsight.runtime.capture import Source, SourceKind, classify_spec
+from onsight.runtime.capture import SourceKind, classify_spec
 from onsight.runtime.errors import OnsightError, SourceError
 from onsight.runtime.events import (
     AnswerEvent,
@@ -38,9 +37,9 @@ from onsight.runtime.events import (
 from onsight.runtime.frames import Frame
 from onsight.runtime.transcript import Transcript
 
+from .engine import GATE_POLL_S, Engine, EngineFactory, SourceOpener, TappedSource, describe_engine
 from .messages import (
     Answered,
-    EngineInfo,
     EngineLoaded,
     Narrated,
     NarrationFailed,
@@ -60,84 +59,9 @@ from .stats_panel import StatsPanel
 log = logging.getLogger(__name__)
 
 PREVIEW_HZ = 8.0  # how often the preview looks for a newer frame
-GATE_POLL_S = 0.1  # a paused thread re-checks for shutdown this often
 SHUTDOWN_TIMEOUT_S = 20.0  # longest wait for the narrate worker on quit (one slow frame)
 TRANSCRIPT_STATS_EVERY = 10  # stats lines in the transcript: one per this many frames
 MAX_KEPT_LINES = 200_000  # transcript lines kept in memory for the s key (~40 MB)
-
-
-class Engine(Protocol):
-    """What the app needs from an engine: the Assistant's verbs (tests pass a fake)."""
-
-    def narrate(self, source: Any, max_frames: int | None = None) -> Iterator[Event]: ...
-
-    def ask(self, question: str) -> None: ...
-
-    def stats(self) -> StatsEvent: ...
-
-    def close(self) -> None: ...
-
-
-EngineFactory = Callable[[], Engine]
-SourceOpener = Callable[[str, "float | None"], Source]  # (spec, fps) -> an open Source
-
-
-def describe_engine(engine: Engine, fps: float | None) -> EngineInfo:
-    """Name, backend, device and keep ratio from the Assistant's public attributes."""
-    bundle = getattr(engine, "bundle", None)
-    backend = getattr(engine, "backend", None)
-    manifest: dict[str, Any] = getattr(bundle, "manifest", None) or {}
-    backend_name = str(getattr(backend, "name", "?"))
-    device = getattr(backend, "device", None)
-    if device is None:  # TensorRT always runs on the GPU; onnxruntime names its provider
-        device = (
-            "cuda"
-            if backend_name.startswith("tensorrt") or "cuda" in backend_name
-            else ("cpu" if "cpu" in backend_name else "?")
-        )
-    keep = (manifest.get("mod") or {}).get("keep_ratio")
-    return EngineInfo(
-        name=str(getattr(bundle, "name", "engine")),
-        backend=backend_name,
-        device=str(device),
-        keep_ratio=float(keep) if keep is not None else None,
-        fps=fps,
-    )
-
-
-class TappedSource(Source):
-    """Wraps an open Source: remembers the newest frame for the preview and holds back
-    while paused. The tap is one attribute store per frame, so capture pays nothing."""
-
-    def __init__(self, inner: Source, flowing: threading.Event) -> None:
-        super().__init__(inner.name, inner.kind)
-        self.inner = inner
-        self.latest: Frame | None = None
-        self._flowing = flowing  # set = flowing, clear = paused
-        self._closed = threading.Event()
-
-    def __iter__(self) -> Iterator[Frame | SourceEvent]:
-        items = iter(self.inner)
-        while not self._closed.is_set():
-            # Wait *before* pulling: a live source keeps only its newest frame meanwhile,
-            # so resuming narrates the present, not the frame from when we paused.
-            while not self._flowing.wait(GATE_POLL_S):
-                if self._closed.is_set():
-                    return
-            try:
-                item = next(items)
-            except StopIteration:
-                return
-            if isinstance(item, Frame):
-                self.latest = item
-            yield item
-
-    def close(self) -> None:
-        self._closed.set()
-        self.inner.close()
-
-    def stats(self):  # the Assistant reads capture counters through us
-        return self.inner.stats()
 
 
 class ErrorScreen(ModalScreen[str]):
