@@ -345,8 +345,11 @@ def train(
     minutes: float | None,
     fit_steps: bool = False,
     extend_to: int | None = None,
+    given: frozenset[str] | None = None,
 ) -> Path:
-    """Train into `out` (tokenizer.json, train_state.pt, log.jsonl); returns the native dir."""
+    """Train into `out` (tokenizer.json, train_state.pt, log.jsonl); returns the native dir.
+    `given`: the TrainConfig fields the caller set on purpose (None: all), the only ones a
+    resumed run warns it ignores."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +363,8 @@ def train(
         ignored = [
             f.name
             for f in dataclasses.fields(TrainConfig)
-            if f.name != "steps" and getattr(tcfg, f.name) != getattr(saved, f.name)
+            if f.name != "steps" and (given is None or f.name in given)
+            if getattr(tcfg, f.name) != getattr(saved, f.name)
         ]
         if ignored:
             log.warning(
@@ -537,10 +541,24 @@ def main(argv: list[str]) -> int:
         print(f"native checkpoint: {native}")
         return 0
     tcfg = config_from_args(args)
+    # the fields the flags set away from their defaults: a plain --resume gives none of them
+    bare = config_from_args(parse_args(["--out", args.out]))
+    given = frozenset(
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(tcfg, f.name) != getattr(bare, f.name)
+    )
     t0 = time.time()
     fit = args.minutes is not None and args.steps is None
     native = train(
-        Path(args.out), tcfg, args.device, args.resume, args.minutes, fit, extend_to=args.steps
+        Path(args.out),
+        tcfg,
+        args.device,
+        args.resume,
+        args.minutes,
+        fit,
+        extend_to=args.steps,
+        given=given,
     )
     print(f"trained in {time.time() - t0:.0f} s; native checkpoint: {native}")
     return 0
