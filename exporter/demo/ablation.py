@@ -28,12 +28,14 @@ from typing import Any
 from onsight.exporter.bench_report import LMDims
 from onsight.exporter.bundle_writer import ExportOptions, apply_options, export_bundle
 from onsight.exporter.decoder import kept_indices
+from onsight.exporter.demo.data import NarrationDelay
 from onsight.exporter.demo.evaluate import (
     HELD_OUT_SEED,
     BundleNarrator,
     held_out_streams,
     score_narrator,
 )
+from onsight.exporter.demo.train_config import checkpoint_delay
 from onsight.exporter.model import StreamingModel, load_native
 from onsight.exporter.reference import layout_for
 from onsight.runtime.bundle import load_bundle
@@ -292,7 +294,7 @@ def run_ablations(
     variants = build_variants(checkpoint, model, Path(twin) if twin else None, base, exit_at)
     say(f"{len(variants)} variants on {streams} held-out streams x {frames} frames")
     data = held_out_streams(streams, seed_start, frames, stage)
-    gates = router_gates(model, tok, data[:4])
+    gates = router_gates(model, tok, data[:4], checkpoint_delay(checkpoint))
     tmp = None if bundles_dir else Path(tempfile.mkdtemp(prefix="onsight-ablation-"))
     out_dir = Path(bundles_dir) if bundles_dir else tmp
     try:
@@ -327,9 +329,15 @@ def run_ablations(
     }
 
 
-def router_gates(model: StreamingModel, tok: Path, data: Sequence[Stream]) -> dict[str, Any]:
+def router_gates(
+    model: StreamingModel,
+    tok: Path,
+    data: Sequence[Stream],
+    delay: NarrationDelay = NarrationDelay(),
+) -> dict[str, Any]:
     """How much of its routed layer a kept vision token gets: the mean weight w of its update
-    x + w * (block(x) - x), per routed layer, over `data` (1.0 with the straight-through gate).
+    x + w * (block(x) - x), per routed layer, over `data` (1.0 with the straight-through gate),
+    laid out with the checkpoint's narration `delay` as it was trained.
     Near 0, the layer is switched off for vision tokens whichever ones the router keeps."""
     import torch
     from tokenizers import Tokenizer
@@ -359,6 +367,7 @@ def router_gates(model: StreamingModel, tok: Path, data: Sequence[Stream]) -> di
             lambda s: t.encode(s, add_special_tokens=False).ids,
             v_id,
             model.cfg.tokens_per_frame,
+            delay,
         )
         frames = preprocess_batch(list(ex.frames), pre)  # as the bundle would see them
         scores: list[torch.Tensor] = []
