@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onsight.runtime.files import write_text_atomic
 from onsight.runtime.kv_cache import KVLayout
 
 # ---- floors: the work a step cannot avoid, from the model's dims ----
@@ -451,6 +452,6 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
 def write_all(r: dict[str, Any], out: Path) -> tuple[Path, Path, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     r["targets"] = targets(r)
-    (out / "results.json").write_text(json.dumps(r, indent=2, default=str))
-    (out / "results.md").write_text(markdown(r))
+    write_text_atomic(out / "results.json", json.dumps(r, indent=2, default=str))
+    write_text_atomic(out / "results.md", markdown(r))
     return out / "results.json", out / "results.md", plots(r, out)

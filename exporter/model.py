@@ -17,6 +17,7 @@ from onsight.exporter.config import ModelConfig
 from onsight.exporter.decoder import ModDecoder, build_hf_lm
 from onsight.exporter.vision import FrameEncoder
 from onsight.runtime.errors import CheckpointError
+from onsight.runtime.files import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,7 @@ def staging_dir(out: Path, tag: str = "") -> Path:
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}", dir=out.parent))
-    umask = os.umask(0)  # read it: os.umask only reads by setting
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(0o777 & ~current_umask())
     return tmp
 
 

@@ -510,3 +510,22 @@ def test_long_run_scores_the_last_window_against_a_fresh_start():
     # two minutes in, the long-running assistant's cache holds the same kind of state as a
     # fresh one's: on this window they narrate about as well
     assert abs(last["f1"] - fresh["f1"]) <= 0.25
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--streams", "0"], "--streams 0: give at least 1"),
+        (["--window", "0"], "--window 0.0: the match window must be positive"),
+        (["--threshold", "1.5"], "strictly between 0 and 1"),
+        (["--twin", "t"], "--twin only applies with --ablations"),
+        (["--ablations", "--qdq"], "leave it out with --ablations"),
+        (["--ablations", "--twin", "no-such-dir"], "not a native checkpoint"),
+    ],
+)
+def test_eval_refuses_bad_flags_saying_what_to_do(argv, said, capsys):
+    from onsight.exporter.demo.evaluate import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err

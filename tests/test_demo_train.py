@@ -517,7 +517,10 @@ def test_resume_says_which_new_flags_it_ignores(tmp_path, caplog):
 
     torch.set_num_threads(1)
     tcfg = TrainConfig(seed=3, steps=2, batch_size=2, num_frames=6, warmup=1)
-    train(tmp_path / "run", tcfg, "cpu", resume=False, minutes=None)
+    with caplog.at_level("WARNING"):  # nothing to resume yet: say so, then start
+        train(tmp_path / "run", tcfg, "cpu", resume=True, minutes=None)
+    assert "nothing saved in" in caplog.text and "starting a new run" in caplog.text
+    caplog.clear()
     other = dataclasses.replace(tcfg, narration_delay=1, delay_kinds="move", lr=1e-4)
     with caplog.at_level("WARNING"):
         train(tmp_path / "run", other, "cpu", resume=True, minutes=None, extend_to=3)

@@ -34,6 +34,7 @@ from onsight.runtime.events import (
     StatsEvent,
     WarningEvent,
 )
+from onsight.runtime.files import write_text_atomic
 from onsight.runtime.frames import Frame
 from onsight.runtime.transcript import Transcript
 
@@ -458,8 +459,8 @@ class OnsightApp(App[None]):
                     raise OSError(f"OpenCV could not write {image_path}")
             text_path = self._save_dir / f"{stem}.jsonl"
             lines = self.transcript_lines
-            text_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        except OSError as e:
+            write_text_atomic(text_path, "".join(line + "\n" for line in lines))
+        except (OSError, OnsightError) as e:
             self.post_message(SnapshotFailed(f"{e}; check {self._save_dir} is writable"))
             return
         self.post_message(SnapshotSaved(image_path, text_path))

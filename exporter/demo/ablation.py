@@ -39,6 +39,7 @@ from onsight.exporter.demo.train_config import checkpoint_delay
 from onsight.exporter.model import StreamingModel, load_native
 from onsight.exporter.reference import layout_for
 from onsight.runtime.bundle import load_bundle
+from onsight.runtime.files import write_text_atomic
 from onsight.runtime.kv_cache import KVLayout
 from onsight.runtime.synthetic import Stream
 
@@ -492,9 +493,6 @@ def ablation_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], json_path: str | Path) -> tuple[Path, Path]:
     """The report as JSON and, beside it, as markdown (same name, .md)."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2))
-    md = json_path.with_suffix(".md")
-    md.write_text(ablation_markdown(report) + "\n")
+    json_path = write_text_atomic(json_path, json.dumps(report, indent=2))
+    md = write_text_atomic(json_path.with_suffix(".md"), ablation_markdown(report) + "\n")
     return json_path, md

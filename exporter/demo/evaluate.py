@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from onsight.exporter.demo.teacher_forced import teacher_forced_report
+from onsight.runtime.files import write_text_atomic
 from onsight.runtime.synthetic import (
     NarrationReport,
     Stream,
@@ -358,7 +359,50 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="--ablations: keep the variants' bundles in this new directory (default: deleted)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, said so that the user can fix it; None if nothing."""
+    if args.streams < 1:
+        return f"--streams {args.streams}: give at least 1 held-out stream (the README uses 500)"
+    if args.frames < 2:
+        return f"--frames {args.frames}: a stream needs at least 2 frames (default 60)"
+    if args.window <= 0:
+        return f"--window {args.window}: the match window must be positive seconds (default 2)"
+    if args.threads is not None and args.threads < 1:
+        return (
+            f"--threads {args.threads}: give at least 1, or leave it out for onnxruntime's default"
+        )
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        return f"--threshold {args.threshold}: a speak probability strictly between 0 and 1"
+    if not args.ablations:
+        for flag in ("twin", "bundles"):
+            if getattr(args, flag) is not None:
+                return f"--{flag} only applies with --ablations"
+        return None
+    if args.qdq:
+        return "--qdq scores one bundle; leave it out with --ablations (variants export fp32)"
+    if args.twin is not None:
+        from onsight.exporter.demo.train import is_native_dir
+
+        if not is_native_dir(Path(args.twin)):
+            return (
+                f"--twin {args.twin}: not a native checkpoint (config.json, model.safetensors, "
+                "tokenizer.json); make one from the twin's run with `onsight train-demo --out "
+                "RUN --snapshot DIR`, or leave --twin out"
+            )
+    if (
+        args.bundles is not None
+        and Path(args.bundles).exists()
+        and any(Path(args.bundles).iterdir())
+    ):
+        return f"--bundles {args.bundles} is not empty; choose a new directory"
+    return None
 
 
 def main_ablations(args: argparse.Namespace) -> int:
@@ -409,7 +453,7 @@ def main(argv: list[str]) -> int:
     )
     print(markdown(report))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_text_atomic(args.out, json.dumps(report, indent=2))
         print(f"report: {args.out}")
     return 0
 

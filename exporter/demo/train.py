@@ -376,6 +376,10 @@ def train(
         tcfg = dataclasses.replace(saved, steps=max(saved.steps, extend_to or 0))
     elif state_path.exists():
         raise SystemExit(f"{state_path} exists: pass --resume, or choose another --out")
+    elif resume:
+        log.warning(
+            "--resume: nothing saved in %s yet (no %s); starting a new run", out, STATE_FILE
+        )
     if tcfg.init_from and not start:
         init_dir = Path(tcfg.init_from)
         if not (init_dir / STATE_FILE).is_file() and not is_native_dir(init_dir):

@@ -19,6 +19,7 @@ import numpy as np
 
 from onsight.runtime.assistant import Assistant, AssistantConfig
 from onsight.runtime.events import NarrationEvent
+from onsight.runtime.files import write_text_atomic
 from onsight.runtime.synthetic.metrics import score_narrations
 from onsight.runtime.synthetic.world import WorldConfig, iter_stream
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     result = long_run(a.engine, a.hours, a.window_min, a.seed)
     text = json.dumps(result, indent=2)
     if a.out:
-        a.out.write_text(text)
+        write_text_atomic(a.out, text)
     print(text)
     return 0
 
