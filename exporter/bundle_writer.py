@@ -235,6 +235,10 @@ def export_bundle(
         )
     if opts.dtype not in ("fp32", "fp16"):
         raise ExportError(f"--dtype {opts.dtype!r}: use fp32 or fp16")
+    if not opts.fps > 0:
+        raise ExportError(f"--fps {opts.fps}: the sampling rate must be positive (default 2)")
+    if opts.keep_text_tokens < 0:
+        raise ExportError(f"--keep-text-tokens {opts.keep_text_tokens}: give 0 or more")
     model = apply_options(model, opts)
     dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
     max_pos = int(getattr(model.decoder.lm.config, "max_position_embeddings", 0) or 0)

@@ -44,12 +44,16 @@ def cmd_export(a: argparse.Namespace) -> int:
         experts=a.experts,
         fmt=a.format,
     )
+    kv_capacity = a.kv_capacity
+    if kv_capacity is None:  # the default, within what the model was trained on
+        max_pos = getattr(model.decoder.lm.config, "max_position_embeddings", None) or 4096
+        kv_capacity = min(ExportOptions.kv_capacity, int(max_pos))
     opts = ExportOptions(
         keep_ratio=a.keep_ratio,
         mod_layers=a.mod_layers,
         router=a.router,
         tokens_per_frame=a.tokens_per_frame,
-        kv_capacity=a.kv_capacity,
+        kv_capacity=kv_capacity,
         dtype=a.dtype,
         fps=a.fps,
         keep_text_tokens=a.keep_text_tokens,
@@ -197,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--tokens-per-frame", default=None, help="e.g. 1+3x3 (default: the checkpoint's)"
     )
-    e.add_argument("--kv-capacity", type=int, default=4096, help="KV tokens per dense layer")
+    e.add_argument(
+        "--kv-capacity",
+        type=int,
+        default=None,
+        help="KV tokens per dense layer (default 4096, or the model's trained positions if fewer)",
+    )
     e.add_argument(
         "--keep-text-tokens",
         type=int,

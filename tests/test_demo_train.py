@@ -526,3 +526,30 @@ def test_resume_says_which_new_flags_it_ignores(tmp_path, caplog):
         train(tmp_path / "run", other, "cpu", resume=True, minutes=None, extend_to=3)
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "lr, narration_delay, delay_kinds" in said and "start a new --out" in said
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--steps", "0"], "--steps 0: give at least 1"),
+        (["--lr", "-1"], "--lr -1.0: the learning rate must be positive"),
+        (["--keep-ratio", "0"], "give a ratio in (0, 1]"),
+        (["--batch-size", "0"], "--batch-size 0: give at least 1"),
+        (["--speak-weight", "-1"], "a loss weight is 0 or more"),
+    ],
+)
+def test_train_demo_refuses_numbers_out_of_range(argv, said, capsys):
+    from onsight.exporter.demo.train_args import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_train_demo_refuses_a_file_as_its_run_directory(tmp_path, capsys):
+    from onsight.exporter.demo.train_args import parse_args
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "f")])
+    assert "is a file; give a run directory" in capsys.readouterr().err

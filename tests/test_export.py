@@ -350,3 +350,19 @@ def test_keep_last_always_routes_the_decision_token(native_model, tmp_path):
     written = json.loads((out / "bundle.json").read_text())
     assert written["mod"]["keep_last"] is True and written["mod"]["k"] == k
     _validate_schema(written)
+
+
+def test_cli_export_defaults_the_cache_to_the_trained_positions(native_ckpt, tmp_path, capsys):
+    """No --kv-capacity: 4096 tokens, or the model's trained positions if fewer (2048 here),
+    instead of refusing its own default; nonsense numbers are refused, saying what to give."""
+    from onsight.runtime.cli import main as cli_main
+
+    assert cli_main(["export", str(native_ckpt), "--out", str(tmp_path / "b")]) == 0
+    assert load_bundle(tmp_path / "b").manifest["kv"]["capacity_dense"] == 2048
+    for flag, said in (
+        ("--fps=-2", "sampling rate must be positive"),
+        ("--keep-text-tokens=-1", "give 0 or more"),
+    ):
+        rc = cli_main(["export", str(native_ckpt), "--out", str(tmp_path / "c"), flag])
+        assert rc == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -169,7 +169,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--threshold", type=float, default=None, help="with --snapshot: the speak threshold"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = _check_numbers(args)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def _check_numbers(args: argparse.Namespace) -> str | None:
+    """Flags out of range, said so that the user can fix them; None if all are fine."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} is a file; give a run directory (new, or one to --resume)"
+    if args.steps is not None and args.steps < 1:
+        return f"--steps {args.steps}: give at least 1 optimizer step (default 3000)"
+    if args.minutes is not None and not args.minutes > 0:
+        return f"--minutes {args.minutes}: give a positive wall-time budget"
+    if not 0.0 < args.keep_ratio <= 1.0:
+        return f"--keep-ratio {args.keep_ratio}: give a ratio in (0, 1] (0.2 keeps 2 of 10)"
+    for flag in ("batch_size", "threads"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1"
+    if args.frames < 2:
+        return f"--frames {args.frames}: a training stream needs at least 2 frames (default 24)"
+    if not args.lr > 0:
+        return f"--lr {args.lr}: the learning rate must be positive (e.g. 1e-3)"
+    for flag in ("speak_weight", "aux_weight", "router_weight", "distill_weight", "name_weight"):
+        if getattr(args, flag) < 0:
+            return f"--{flag.replace('_', '-')} {getattr(args, flag)}: a loss weight is 0 or more"
+    return None
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
