@@ -219,6 +219,13 @@ def _manifest(
     }
 
 
+def default_kv_capacity(model: StreamingModel) -> int:
+    """The cache size when none is given: 4096 tokens per dense layer, or the model's trained
+    positions if fewer (positions are re-based inside the cache, never past those)."""
+    max_pos = int(getattr(model.decoder.lm.config, "max_position_embeddings", 0) or 0)
+    return min(ExportOptions.kv_capacity, max_pos) if max_pos else ExportOptions.kv_capacity
+
+
 def export_bundle(
     model: StreamingModel,
     tokenizer_json: str | Path,

@@ -32,7 +32,7 @@ def _need_exporter() -> None:
 
 def cmd_export(a: argparse.Namespace) -> int:
     _need_exporter()
-    from onsight.exporter.bundle_writer import ExportOptions, export_bundle
+    from onsight.exporter.bundle_writer import ExportOptions, default_kv_capacity, export_bundle
     from onsight.exporter.loaders import load_checkpoint
 
     print(f"loading {a.source} ...", file=sys.stderr)
@@ -44,10 +44,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         experts=a.experts,
         fmt=a.format,
     )
-    kv_capacity = a.kv_capacity
-    if kv_capacity is None:  # the default, within what the model was trained on
-        max_pos = getattr(model.decoder.lm.config, "max_position_embeddings", None) or 4096
-        kv_capacity = min(ExportOptions.kv_capacity, int(max_pos))
+    kv_capacity = default_kv_capacity(model) if a.kv_capacity is None else a.kv_capacity
     opts = ExportOptions(
         keep_ratio=a.keep_ratio,
         mod_layers=a.mod_layers,

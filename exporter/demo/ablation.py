@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from onsight.exporter.bench_report import LMDims
-from onsight.exporter.bundle_writer import ExportOptions, apply_options, export_bundle
+from onsight.exporter.bundle_writer import (
+    ExportOptions,
+    apply_options,
+    default_kv_capacity,
+    export_bundle,
+)
 from onsight.exporter.decoder import kept_indices
 from onsight.exporter.demo.data import NarrationDelay
 from onsight.exporter.demo.evaluate import (
@@ -136,8 +141,7 @@ def base_options(engine: str | Path | None, model: StreamingModel) -> ExportOpti
             fps=float(m["generation"]["fps"]),
             dtype="fp16" if m["kv"]["dtype"] == "float16" else "fp32",
         )
-    max_pos = int(getattr(model.decoder.lm.config, "max_position_embeddings", 0) or 4096)
-    return ExportOptions(kv_capacity=min(4096, max_pos))
+    return ExportOptions(kv_capacity=default_kv_capacity(model))
 
 
 def _layout(model: StreamingModel, opts: ExportOptions, sink: int) -> KVLayout:
