@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from onsight.runtime.errors import BundleError
+from onsight.runtime.files import write_text_atomic
 from onsight.runtime.kv_cache import KVLayout
 from onsight.runtime.kv_policy import EvictionPolicy
 
@@ -38,9 +38,7 @@ def write_manifest(d: Path, manifest: dict[str, Any]) -> None:
         for p in sorted(d.iterdir())
         if p.is_file() and p.name != "bundle.json" and not p.name.startswith(".")
     }
-    tmp = d / ".bundle.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, d / "bundle.json")
+    write_text_atomic(d / "bundle.json", json.dumps(manifest, indent=2))
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(
-            tmp, 0o666 & ~current_umask()
-        )  # mkstemp makes 0600; follow the umask as open() does
+        # mkstemp makes 0600; follow the umask as open() does
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -18,6 +18,7 @@ from typing import Any
 
 from onsight.runtime.bundle import load_bundle
 from onsight.runtime.errors import BundleError, ExportError
+from onsight.runtime.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,6 @@ def build_tensorrt(
     }
     manifest = json.loads((d / "bundle.json").read_text())
     manifest["tensorrt"] = meta
-    tmp = d / ".bundle.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, d / "bundle.json")
+    write_text_atomic(d / "bundle.json", json.dumps(manifest, indent=2))
     say(f"plans written to {out_dir}; TensorRT {trt.__version__}, sm {gpu.compute_capability}")
     return meta
