@@ -9,9 +9,11 @@ LLM (onnxruntime releases the GIL); the LLM loop runs in the thread that iterate
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,14 @@ from onsight.runtime.template import build_template_ids
 log = logging.getLogger(__name__)
 
 
+class _Closed(OnsightError):
+    """The Assistant was closed (an OnsightError for callers)."""
+
+
+def _counts(st: StatsEvent) -> tuple[int, int, int]:
+    return st.frames_captured, st.frames_processed, st.frames_dropped
+
+
 @dataclass(frozen=True)
 class AssistantConfig:
     """How the assistant runs a bundle; every field has a sensible default."""
@@ -53,12 +63,70 @@ class AssistantConfig:
     prune_ratio: float = 0.7  # DyCoke's K: share of that frame's tokens pruned
     stats_every: int = 10  # a StatsEvent every this many processed frames
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            problems.append(f"fps={self.fps!r}: give a positive rate such as 2, or None")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens!r}: give >= 1, or None")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature={self.temperature!r}: give 0 (greedy) or more")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads={self.threads!r}: give >= 1, or None")
+        if self.decode_workers < 1:
+            problems.append(f"decode_workers={self.decode_workers!r}: give >= 1")
+        if not 0 < self.duplicate_threshold <= 1:
+            problems.append(f"duplicate_threshold={self.duplicate_threshold!r}: give (0, 1]")
+        if not 0 <= self.prune_ratio < 1:
+            problems.append(f"prune_ratio={self.prune_ratio!r}: give [0, 1)")
+        if self.stats_every < 1:
+            problems.append(f"stats_every={self.stats_every!r}: give >= 1")
+        if problems:
+            raise OnsightError("AssistantConfig: " + "; ".join(problems))
+
+
+def check_image(image: object) -> np.ndarray:
+    """The frame `push` takes, (H, W, 3) uint8 RGB, or an OnsightError saying how to get one."""
+    if not isinstance(image, np.ndarray):
+        raise OnsightError(
+            f"push(): expected a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}"
+        )
+    shape, dtype = image.shape, image.dtype
+    hint = ""
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        hint = "; grayscale: np.repeat(img.reshape(h, w, 1), 3, axis=2)"
+    elif image.ndim == 3 and image.shape[2] == 4:
+        hint = "; RGBA: drop alpha with img[..., :3]"
+    elif image.ndim == 3 and image.shape[0] == 3 and image.shape[2] != 3:
+        hint = "; channels first (3, H, W): img.transpose(1, 2, 0)"
+    elif image.ndim == 4 and image.shape[0] == 1:
+        hint = "; one frame at a time: img[0]"
+    elif image.ndim == 3 and image.shape[2] == 3 and dtype != np.uint8:
+        if dtype.kind == "f":
+            hint = "; floats in [0, 1]: (img * 255).clip(0, 255).astype(np.uint8)"
+        else:
+            hint = "; convert to 8 bits per channel, e.g. (img >> 8).astype(np.uint8) for 16"
+    if image.ndim != 3 or image.shape[2] != 3 or dtype != np.uint8:
+        raise OnsightError(
+            f"push(): expected an (H, W, 3) uint8 RGB frame, got {dtype} {shape}{hint}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise OnsightError(f"push(): the frame is empty ({shape})")
+    return np.ascontiguousarray(image)
+
 
 class _Tokens:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_file(str(path))
+        from onsight.runtime.errors import BundleError
+
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise BundleError(
+                f"the bundle's tokenizer {path} cannot be read ({e}); re-export the bundle"
+            ) from e
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -101,18 +169,25 @@ class Assistant:
         log.info("bundle %s on %s", self.bundle.name, self.backend.name)
         self.tokens = _Tokens(self.bundle.tokenizer_path)
         gen = self.bundle.generation
-        self.fps = float(self.config.fps or gen.get("fps", 2.0))
+        self.fps = float(self.config.fps if self.config.fps is not None else gen.get("fps", 2.0))
         self._stepper = _TimedStepper(self.backend.stepper())
         self._loop = StreamLoop(
             self._stepper,
             build_template_ids(self.tokens.tok, self.bundle.template),
             encode=self.tokens.encode,
             threshold=float(gen["threshold"]),
-            max_new_tokens=int(self.config.max_new_tokens or gen["max_new_tokens"]),
+            max_new_tokens=int(
+                self.config.max_new_tokens
+                if self.config.max_new_tokens is not None
+                else gen["max_new_tokens"]
+            ),
             sampler=Sampler(temperature=self.config.temperature),
         )
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)  # close() waits on it for work in flight
+        self._inflight = 0
         self._closed = False
+        self._last_timestamp: float | None = None
         self._last_embeds: np.ndarray | None = None
         self._processed = 0
         self._skipped = 0
@@ -140,24 +215,81 @@ class Assistant:
     # ---- the three verbs ----
 
     def ask(self, question: str) -> None:
-        """Queue a question; its AnswerEvent follows the next processed frame."""
+        """Queue a question; its AnswerEvent follows the next processed frame.
+
+        Raises OnsightError for a question that is not a string, empty, or longer than the
+        bundle's KV cache can hold in one turn (`max_question_tokens`)."""
+        self._check_open()
+        if not isinstance(question, str):
+            raise OnsightError(f"ask(): the question must be a str, got {type(question).__name__}")
         q = question.strip()
         if not q:
             raise OnsightError("ask(): the question is empty")
-        self._loop.ask(q)  # deque.append is atomic
+        n, limit = len(self.tokens.encode(q)), self.max_question_tokens()
+        if n > limit:
+            raise OnsightError(
+                f"ask(): the question is {n} tokens; this bundle's KV cache holds at most {limit} "
+                "in one turn: ask a shorter question (or re-export with a larger --kv-capacity)"
+            )
+        with self._lock:  # not into a loop that reset() is replacing
+            self._check_open()
+            self._loop.ask(q)
+
+    def max_question_tokens(self) -> int:
+        """The longest question (in tokens) that one turn can hold beside the system prompt,
+        the frame it follows and the longest answer, in every layer's KV cache."""
+        lay, t = self.bundle.layout, self._loop.t
+        turn = len(t.stream_close) + len(t.user_prefix) + len(t.assistant_prefix)
+        # before the frame: what a previous turn left to feed (its EOS) and "\n["
+        before = 2 + len(t.stream_open)
+        room = min(
+            lay.capacity(i) - (lay.k if i in lay.routed else lay.tokens_per_frame)
+            for i in range(lay.num_layers)
+        )
+        return max(0, room - len(t.sink) - before - turn - self._loop.max_new_tokens - 2)
 
     def push(self, image: np.ndarray, timestamp: float | None = None) -> list[Event]:
-        """Process one RGB uint8 frame (H, W, 3) now; returns the events it produced."""
+        """Process one frame now; returns the events it produced.
+
+        `image` is (H, W, 3) uint8 in RGB order: OpenCV's `cv2.VideoCapture` and `cv2.imread`
+        give BGR, so pass `cv2.cvtColor(img, cv2.COLOR_BGR2RGB)` (or `img[..., ::-1]`), else
+        colours come out swapped. `timestamp` is in seconds (None: `time.monotonic()`);
+        a timestamp earlier than the last one is accepted with a WarningEvent.
+        Raises OnsightError for a frame or timestamp it cannot take (and counts no frame)."""
         self._check_open()
-        ts = time.monotonic() if timestamp is None else float(timestamp)
-        frame = Frame(np.ascontiguousarray(image), ts, self._captured)
-        self._captured += 1
-        t = time.perf_counter()
-        pixels = self._preprocess(frame)
-        t1 = time.perf_counter()
-        embeds = self.backend.encode(pixels[None])[0]
-        self._stage_ms.update(preprocess=(t1 - t) * 1e3, vision=(time.perf_counter() - t1) * 1e3)
-        return list(self._on_embeds(frame, embeds))
+        img = check_image(image)
+        if timestamp is None:
+            ts = time.monotonic()
+        else:
+            try:
+                ts = float(timestamp)
+            except (TypeError, ValueError):
+                raise OnsightError(
+                    f"push(): timestamp must be seconds as a number, got {timestamp!r}"
+                ) from None
+            if not math.isfinite(ts):
+                raise OnsightError(f"push(): timestamp must be finite, got {timestamp!r}")
+        warnings: list[Event] = []
+        with self._lock:
+            if self._last_timestamp is not None and ts < self._last_timestamp:
+                warnings.append(
+                    self.warn(
+                        f"frame timestamp {ts:.3f} s is earlier than the last one "
+                        f"({self._last_timestamp:.3f} s); give push() increasing timestamps"
+                    )
+                )
+            self._last_timestamp = ts
+            frame = Frame(img, ts, self._captured)
+            self._captured += 1
+        with self._working():
+            t = time.perf_counter()
+            pixels = self._preprocess(frame)
+            t1 = time.perf_counter()
+            embeds = self.backend.encode(pixels[None])[0]
+            self._stage_ms.update(
+                preprocess=(t1 - t) * 1e3, vision=(time.perf_counter() - t1) * 1e3
+            )
+            return warnings + list(self._on_embeds(frame, embeds))
 
     def narrate(self, source, max_frames: int | None = None) -> Iterator[Event]:
         """Narrate a source (camera index, file, URL, pipeline, image folder, or an open
@@ -167,6 +299,8 @@ class Assistant:
         self._check_open()
         from onsight.runtime.synthetic.cli import resolve_source
 
+        if max_frames is not None and max_frames < 1:
+            raise OnsightError(f"narrate(): max_frames={max_frames!r}: give >= 1, or None")
         if isinstance(source, Source):
             src = source
         else:
@@ -184,9 +318,12 @@ class Assistant:
             queue_size=2,
         )
         done = 0
+        last_stats: StatsEvent | None = None
         try:
             waited = time.perf_counter()
             for item in pipe.run(src):
+                if self._closed:  # closed from another thread: end the stream quietly
+                    break
                 if isinstance(item, SourceEvent):
                     yield item
                     continue
@@ -195,15 +332,27 @@ class Assistant:
                 self._stage_ms["capture"] = (time.perf_counter() - waited) * 1e3
                 st = src.stats()
                 self._captured, self._dropped = st.frames_captured, st.frames_dropped
-                yield from self._on_embeds(frame, embeds)
+                try:
+                    events = list(self._on_embeds(frame, embeds))
+                except _Closed:
+                    break
+                yield from events
+                if events and isinstance(events[-1], StatsEvent):
+                    last_stats = events[-1]
                 done += 1
                 if max_frames is not None and done >= max_frames:
                     break
                 waited = time.perf_counter()
         finally:
             pipe.close()
+            st = src.stats()  # what the source read in the end, not at the last frame
+            self._captured, self._dropped = st.frames_captured, st.frames_dropped
             src.close()
-        yield self.stats()
+        if self._closed:
+            return
+        final = self.stats()
+        if last_stats is None or _counts(final) != _counts(last_stats):
+            yield final  # unless the last frame's StatsEvent already says it all
 
     # ---- internals ----
 
@@ -221,7 +370,25 @@ class Assistant:
 
     def _vision_item(self, item: tuple[Frame, np.ndarray]) -> tuple[Frame, np.ndarray]:
         frame, pixels = item
-        return frame, self.backend.encode(pixels[None])[0]
+        try:
+            with self._working():
+                return frame, self.backend.encode(pixels[None])[0]
+        except _Closed:  # the narrate loop sees the Assistant closed and stops
+            return frame, np.zeros((0,), np.float32)
+
+    @contextmanager
+    def _working(self):
+        """Hold the sessions open while this block runs (close() waits for it)."""
+        with self._lock:
+            if self._closed:
+                raise _Closed("this Assistant is closed; create a new one")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self._idle.notify_all()
 
     def _is_duplicate(self, embeds: np.ndarray) -> bool:
         if (
@@ -236,6 +403,7 @@ class Assistant:
 
     def _on_embeds(self, frame: Frame, embeds: np.ndarray) -> Iterator[Event]:
         with self._lock:
+            self._check_open()
             if self._is_duplicate(embeds):
                 self._skipped += 1
                 return
@@ -293,9 +461,12 @@ class Assistant:
         return WarningEvent(message)
 
     def reset(self) -> None:
-        """Forget the stream (empty the KV cache); the next frame starts a new one."""
+        """Forget the stream (empty the KV cache); the next frame starts a new one.
+        Questions already asked and not yet answered are kept for that frame."""
         with self._lock:
+            self._check_open()
             self._stepper.inner.reset()
+            queued = self._loop.questions
             self._loop = StreamLoop(
                 self._stepper,
                 self._loop.t,
@@ -304,18 +475,24 @@ class Assistant:
                 self._loop.max_new_tokens,
                 self._loop.sample,
             )
+            self._loop.questions.extend(queued)
             self._last_embeds = None
+            self._last_timestamp = None
 
     def _check_open(self) -> None:
         if self._closed:
-            raise OnsightError("this Assistant is closed; create a new one")
+            raise _Closed("this Assistant is closed; create a new one")
 
     def close(self) -> None:
-        """Free the sessions and the KV cache."""
+        """Free the sessions and the KV cache. Safe from any thread: a frame in flight is
+        finished first; `narrate()` running elsewhere then ends, and other calls raise
+        OnsightError."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            while self._inflight:
+                self._idle.wait()
             self.backend.close()
             self._stepper = None  # type: ignore[assignment]
             self._loop = None  # type: ignore[assignment]

@@ -88,21 +88,42 @@ def _fail(path: Path, what: str, fix: str = "re-export it with `onsight export`"
     return BundleError(f"bundle {path}: {what}; {fix}")
 
 
+DEMO_ENGINE = "engines/demo"  # the commands' default --engine
+
+
+def shipped_demo_bundle() -> Path | None:
+    """The demo bundle that ships beside the package (a source checkout or editable install)."""
+    d = Path(__file__).resolve().parent.parent / DEMO_ENGINE
+    return d if (d / "bundle.json").is_file() else None
+
+
+def resolve_engine(path: str | Path) -> Path:
+    """`path`, or for the default `engines/demo` when run outside the repository, the shipped
+    demo bundle beside the package, so the default works from any directory."""
+    d = Path(path)
+    if not d.exists() and d == Path(DEMO_ENGINE):
+        return shipped_demo_bundle() or d
+    return d
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open a bundle; refuse missing files, checksum mismatches and unknown versions."""
-    d = Path(path)
+    d = resolve_engine(path)
     if not d.is_dir():
+        shipped = shipped_demo_bundle()
+        hint = f" or use the shipped demo bundle ({shipped})" if shipped else ""
         raise BundleError(
-            f"bundle {d} does not exist; export one with `onsight export SOURCE --out {d}` "
-            "or use the shipped engines/demo"
+            f"bundle {d} does not exist; export one with `onsight export SOURCE --out {d}`{hint}"
         )
     mpath = d / "bundle.json"
     if not mpath.is_file():
         raise _fail(d, "bundle.json is missing (not a bundle, or an interrupted export)")
     try:
-        m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _fail(d, f"bundle.json is not valid JSON ({e})") from e
+    if not isinstance(m, dict):
+        raise _fail(d, f"bundle.json holds a JSON {type(m).__name__}, not an object")
     if m.get("format") != BUNDLE_FORMAT:
         raise _fail(d, f"bundle.json has format {m.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     version = m.get("format_version")

@@ -27,6 +27,29 @@ def _need_exporter() -> None:
         ) from e
 
 
+def _number(kind: type, low: float, inclusive: bool = True, what: str = "") -> Callable:
+    """An argparse type: a finite `kind` >= low (or > low), refused with what to give."""
+
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = x >= low if inclusive else x > low
+        if not ok or x != x or x in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(
+                f"{text}: give {what or ('>= ' if inclusive else '> ') + str(low)}"
+            )
+        return x
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1, what="a whole number >= 1")
+POSITIVE = _number(float, 0, inclusive=False, what="a number > 0")
+NON_NEGATIVE = _number(float, 0, what="a number >= 0")
+
+
 # ---- export / info / build ----
 
 
@@ -125,11 +148,13 @@ def cmd_narrate(a: argparse.Namespace) -> int:
         skip_duplicate_frames=a.skip_duplicates,
         prune_static_tokens=a.prune_static,
     )
-    transcript = Transcript(a.transcript) if a.transcript else None
+    transcript = None
     try:
         with Assistant(a.engine, cfg) as assistant:
             for q in a.ask or []:
                 assistant.ask(q)
+            # opened once the bundle and questions are good, so a refused run leaves no file
+            transcript = Transcript(a.transcript) if a.transcript else None
             for event in assistant.narrate(a.source, max_frames=a.max_frames):
                 line = event.to_json()
                 print(line, flush=True)
@@ -220,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print bundle.json's summary as JSON")
     i.add_argument(
-        "--budget-mb", type=float, default=1024.0, help="KV memory budget for 'frames that fit'"
+        "--budget-mb", type=POSITIVE, default=1024.0, help="KV memory budget for 'frames that fit'"
     )
     i.set_defaults(func=cmd_info)
 
@@ -248,20 +273,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     n = sub.add_parser("narrate", help="narrate a source headless, printing JSON lines")
-    n.add_argument("--engine", default="engines/demo", help="bundle directory")
     n.add_argument(
-        "--source", required=True, help="video file, camera index, URL, or image directory"
+        "--engine", default="engines/demo", help="bundle directory (default: the shipped demo)"
     )
-    n.add_argument("--fps", type=float, default=None, help="sampling rate (default: the bundle's)")
+    n.add_argument(
+        "--source",
+        required=True,
+        help="camera index or /dev/videoN, video file, RTSP/HTTP/UDP URL, GStreamer pipeline, "
+        "image folder, or demo (the synthetic demo video)",
+    )
+    n.add_argument(
+        "--fps", type=POSITIVE, default=None, help="sampling rate (default: the bundle's)"
+    )
     n.add_argument("--transcript", help="append every event as a JSON line here (flushed per line)")
-    n.add_argument("--max-frames", type=int, default=None)
+    n.add_argument(
+        "--max-frames", type=POSITIVE_INT, default=None, help="stop after this many frames"
+    )
     n.add_argument("--no-realtime", action="store_true", help="files: as fast as possible")
-    n.add_argument("--decode-workers", type=int, default=1, help="files: parallel decoders")
+    n.add_argument(
+        "--decode-workers", type=POSITIVE_INT, default=1, help="files: parallel decoders"
+    )
     n.add_argument(
         "--backend", default="auto", help="auto | onnxruntime | onnxruntime:cpu | tensorrt"
     )
-    n.add_argument("--max-new-tokens", type=int, default=None)
-    n.add_argument("--temperature", type=float, default=0.0)
+    n.add_argument(
+        "--max-new-tokens",
+        type=POSITIVE_INT,
+        default=None,
+        help="cap on one narration (default: the bundle's)",
+    )
+    n.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 is greedy (default)")
     n.add_argument(
         "--ask", action="append", help="a question to ask at the first frame (repeatable)"
     )

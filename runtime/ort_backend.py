@@ -48,7 +48,8 @@ def choose_providers(device: str = "auto") -> list[str]:
     if want not in available:
         raise EngineError(
             f"onnxruntime here offers {', '.join(available)}, not {want}; install "
-            "onnxruntime-gpu (instead of onnxruntime) on a CUDA machine, or use --device cpu"
+            "onnxruntime-gpu (instead of onnxruntime) on a CUDA machine, or use --backend "
+            "onnxruntime:cpu"
         )
     return [want, "CPUExecutionProvider"] if want != "CPUExecutionProvider" else [want]
 

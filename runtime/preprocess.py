@@ -24,6 +24,8 @@ def letterbox(
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
+    if h == 0 or w == 0:
+        raise ValueError(f"expected a non-empty image, got shape {image.shape}")
     if h == size and w == size:
         return image
     scale = size / max(h, w)

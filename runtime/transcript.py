@@ -11,6 +11,12 @@ from onsight.runtime.errors import OnsightError
 class Transcript:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        parent = next((q for q in self.path.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise OnsightError(
+                f"cannot write transcript {self.path}: {parent} is a file, not a folder; "
+                "choose another path"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # line-buffered append: a kill -9 can at worst cut the line being written
@@ -21,13 +27,22 @@ class Transcript:
             ) from e
 
     def append(self, line: str) -> None:
-        self._f.write(line.rstrip("\n") + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(line.rstrip("\n") + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OnsightError(
+                f"cannot write transcript {self.path}: {e.strerror or e} (lines before this "
+                "one are saved); free space or choose another path"
+            ) from e
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # the line append() already reported could not be flushed
+                pass
 
     def __enter__(self) -> Transcript:
         return self

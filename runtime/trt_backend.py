@@ -95,14 +95,19 @@ class TrtBackend:
     """Engines deserialized once; buffers allocated once at their largest shapes."""
 
     def __init__(self, bundle: Bundle):
-        import tensorrt as trt
-
         meta = bundle.manifest.get("tensorrt")
         if not meta:
             raise EngineError(
-                f"bundle {bundle.path} has no TensorRT plans; build them with "
-                f"`onsight build {bundle.path} --backend tensorrt`"
+                f"bundle {bundle.path} has no TensorRT plans; build them on this GPU with "
+                f"`onsight build {bundle.path} --backend tensorrt`, or use --backend onnxruntime"
             )
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise EngineError(
+                "--backend tensorrt needs TensorRT's Python package (`import tensorrt` failed: "
+                f"{e}); install it (JetPack ships it on Jetson), or use --backend onnxruntime"
+            ) from e
         check_plan_compat(meta, gpu_info(), trt.__version__)
         self.bundle = bundle
         self.cudart = _cudart()

@@ -11,32 +11,18 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+from onsight.runtime.cli import POSITIVE, POSITIVE_INT
 from onsight.runtime.errors import OnsightError
 
 log = logging.getLogger(__name__)
 
-DEMO_SECONDS = 180.0  # long enough to try questions; renders in a couple of seconds
-DEMO_SEED = 0
 
+def ensure_demo_video() -> Path:
+    """The synthetic demo clip (the no-camera fallback and --demo): the same cached video
+    that `onsight narrate --source demo` plays."""
+    from onsight.runtime.synthetic.cli import demo_video_path
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "onsight"
-
-
-def ensure_demo_video(path: Path | None = None) -> Path:
-    """The synthetic demo clip, rendered once and reused (the no-camera fallback)."""
-    from onsight.runtime.synthetic.video import render_demo_video
-
-    path = path or cache_dir() / "demo.mp4"
-    if path.is_file() and path.stat().st_size > 0:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("rendering the demo video to %s", path)
-    # render_demo_video writes to a temporary name and renames, so a crash leaves no
-    # half-written clip that the check above would accept next time.
-    render_demo_video(path, seed=DEMO_SEED, seconds=DEMO_SECONDS, write_events=False)
-    return path
+    return demo_video_path()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onsight run",
         description="Live narration of a camera or video in the terminal (works over SSH).",
     )
-    p.add_argument("--engine", default="engines/demo", help="bundle directory")
+    p.add_argument(
+        "--engine", default="engines/demo", help="bundle directory (default: the shipped demo)"
+    )
     p.add_argument(
         "--source",
         default="0",
-        help="camera index or /dev/videoN, video file, URL, or image folder",
+        help="camera index or /dev/videoN, video file, RTSP/HTTP/UDP URL, GStreamer pipeline, "
+        "image folder, or demo",
     )
-    p.add_argument("--fps", type=float, default=None, help="sampling rate (default: the bundle's)")
+    p.add_argument(
+        "--fps", type=POSITIVE, default=None, help="sampling rate (default: the bundle's)"
+    )
     p.add_argument(
         "--backend", default="auto", help="auto | onnxruntime | onnxruntime:cpu | tensorrt"
     )
@@ -59,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--demo", action="store_true", help="narrate the synthetic demo video instead of --source"
     )
-    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on one narration")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None, help="cap on one narration")
     p.add_argument("--save-dir", default=".", help="where s saves snapshot PNGs and transcripts")
     p.add_argument(
         "--log-file",
@@ -153,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     from onsight.runtime.assistant import Assistant, AssistantConfig
     from onsight.runtime.capture import open_source
+    from onsight.runtime.synthetic.cli import cache_dir, resolve_source
     from onsight.runtime.transcript import Transcript
 
     from .app import OnsightApp
@@ -168,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = OnsightApp(
         partial(Assistant, args.engine, config),
         args.source,
-        open_source=lambda spec, fps: open_source(spec, fps=fps, realtime=True),
+        open_source=lambda spec, fps: open_source(resolve_source(spec), fps=fps, realtime=True),
         fps=args.fps,
         transcript=transcript,
         show_preview=not args.no_preview,

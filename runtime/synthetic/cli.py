@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from onsight.runtime.errors import OnsightError
 from onsight.runtime.synthetic.video import render_demo_video
 
 DEMO_SEED = 7  # a seed outside the demo model's training range
@@ -13,20 +14,31 @@ DEMO_SECONDS = 180.0
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onsight"
+    """~/.cache/onsight, or $XDG_CACHE_HOME/onsight."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "onsight"
 
 
 def demo_video_path() -> Path:
-    """The demo video, rendered once (atomically) into the user's cache."""
+    """The demo video (`--source demo`, `onsight run --demo`), rendered once (atomically)
+    into the user's cache; an empty or missing file is rendered again."""
     path = cache_dir() / f"demo-{DEMO_SEED}.mp4"
-    if not path.is_file():
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         render_demo_video(path, seed=DEMO_SEED, seconds=DEMO_SECONDS, size=256)
+    except OSError as e:
+        raise OnsightError(
+            f"cannot write the demo video to {path}: {e.strerror or e}; set XDG_CACHE_HOME "
+            "to a writable directory"
+        ) from e
     return path
 
 
 def resolve_source(spec: str | int) -> str | int:
-    """`demo` means the synthetic demo video; anything else is passed through."""
+    """`demo` means the synthetic demo video (a folder named demo: `./demo`); anything else
+    is passed through."""
     if isinstance(spec, str) and spec.strip().lower() == "demo":
         return str(demo_video_path())
     return spec
