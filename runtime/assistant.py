@@ -42,10 +42,6 @@ class _Closed(OnsightError):
     """The Assistant was closed (an OnsightError for callers)."""
 
 
-def _counts(st: StatsEvent) -> tuple[int, int, int]:
-    return st.frames_captured, st.frames_processed, st.frames_dropped
-
-
 @dataclass(frozen=True)
 class AssistantConfig:
     """How the assistant runs a bundle; every field has a sensible default."""
@@ -350,9 +346,9 @@ class Assistant:
             src.close()
         if self._closed:
             return
-        final = self.stats()
-        if last_stats is None or _counts(final) != _counts(last_stats):
-            yield final  # unless the last frame's StatsEvent already says it all
+        # the last frame's StatsEvent already closes the run unless frames came after it
+        if last_stats is None or last_stats.frames_processed != self._processed:
+            yield self.stats()
 
     # ---- internals ----
 

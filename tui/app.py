@@ -276,7 +276,7 @@ class OnsightApp(App[None]):
         if self._transcript is not None:
             try:
                 self._transcript.append(line)
-            except (OSError, ValueError) as e:  # disk full, closed: keep narrating
+            except (OSError, ValueError, OnsightError) as e:  # disk full, closed: narrate on
                 log.warning("transcript write failed: %s", e)
 
     def _fail(self, stage: str, error: BaseException, spec: str) -> None:
