@@ -35,8 +35,8 @@ _POLL_S = 0.5
 class LiveSource(Source):
     """Capture thread + newest-frame slot + reconnection.
 
-    reopen: makes a fresh backend after a failure; None marks a finite source (a file or
-    image folder replayed in real time) that ends instead of reconnecting.
+    reopen: makes a fresh backend after a failure; None marks a finite source (a file, image
+    folder or recorded video URL replayed in real time) that ends instead of reconnecting.
     pace: sleep so frames come out at their timestamps' wall-clock rate (file as camera).
     """
 
@@ -139,7 +139,8 @@ class LiveSource(Source):
                 if self._stop.is_set():
                     return
                 if self._reopen is None:
-                    self._publish(self._event("ended", "end of input"))
+                    for event in self._backend_end_events(self._backend):
+                        self._publish(event)
                     return
                 if outage_since is None:
                     outage_since = last_frame_at

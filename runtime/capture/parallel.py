@@ -29,6 +29,7 @@ from .sources import (
     Source,
     SourceKind,
     crosses_grid,
+    finite_frame_count,
     open_file_capture,
     run_ffprobe,
 )
@@ -118,6 +119,15 @@ def _cv_duration(path: str) -> tuple[float, float]:
     finally:
         cap.release()
     return (count / fps if count > 0 else 0.0), fps
+
+
+def _container_length(path: str) -> tuple[int | None, float]:
+    """(frame count the container promises or None, nominal fps), for the early-end check."""
+    cap = open_file_capture(path)
+    try:
+        return finite_frame_count(cap), cap.get(cv2.CAP_PROP_FPS) or 30.0
+    finally:
+        cap.release()
 
 
 def plan_segments(
@@ -351,7 +361,7 @@ class ParallelFileSource(Source):
             yield frame
         self._counters.captured = decode.decoded
         if not self._closed:
-            yield self._event("ended", "end of input")
+            yield from self._end_events(decode.decoded, *_container_length(self._path))
 
     def close(self) -> None:
         self._closed = True

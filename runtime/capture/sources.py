@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import SourceError
 from ..events import SourceEvent
 from ..frames import Frame
+from .quiet import quiet_opencv
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,23 @@ GRID_EPS_S = 1e-6
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DEVICE_RE = re.compile(r"^/dev/video(\d+)$")
+
+# A container's frame count is an estimate (duration x fps, often one or two off), so an
+# input only counts as ended early when it is clearly short of it on both measures.
+EARLY_END_FRACTION = 0.9  # fewer than this share of the promised frames were read
+EARLY_END_MIN_MISSING = 3  # and at least this many were missing
+_MAX_SANE_FRAME_COUNT = 1 << 31  # live FFmpeg streams report huge or negative counts
+
+SPEC_FORMS = (
+    "a camera index (0) or device (/dev/video0), a video file, a folder of images, "
+    "a stream URL (rtsp://, http://, udp://), or a GStreamer pipeline ending in appsink"
+)
+
+
+class SourceSpecError(SourceError):
+    """The source argument itself is malformed (empty, wrong type): a usage error."""
+
+    exit_code = 2
 
 
 class SourceKind(Enum):
@@ -103,6 +121,27 @@ class CaptureBackend(Protocol):
         """Free the device or file; idempotent."""
 
 
+def finite_frame_count(cap: cv2.VideoCapture) -> int | None:
+    """The container's frame count, or None if it has none (a live stream, raw H.264)."""
+    count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+    if not math.isfinite(count) or not 0 < count < _MAX_SANE_FRAME_COUNT:
+        return None
+    return int(count)
+
+
+def early_end_message(name: str, kind: SourceKind, read: int, expected: int | None) -> str | None:
+    """Why an input that reached its end looks incomplete, or None if it looks whole."""
+    if expected is None or read >= EARLY_END_FRACTION * expected:
+        return None
+    if expected - read < EARLY_END_MIN_MISSING:
+        return None
+    if kind is SourceKind.URL:
+        why = "the server or network may have cut the download short; try again"
+    else:
+        why = f"it may be truncated (an unfinished copy or download); check it: ffprobe '{name}'"
+    return f"{name} ended early at frame {read} of {expected}; {why}"
+
+
 def crosses_grid(prev_ts: float | None, ts: float, fps: float | None) -> bool:
     """True if a k/fps grid point lies in (prev_ts, ts]: the frame at ts is the sampled one.
 
@@ -153,6 +192,12 @@ class CvBackend:
         self._primed: float | None = None  # a frame grabbed while validating the open
         self._count = 0
         self._nominal_fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+        # What the container promises; None for live captures, which have no end.
+        self.expected_frames = None if live else finite_frame_count(cap)
+
+    @property
+    def nominal_fps(self) -> float:
+        return self._nominal_fps
 
     def prime(self) -> bool:
         """Grab the first frame now (to prove the file decodes); the next grab returns it."""
@@ -269,6 +314,22 @@ class Source(ABC):
     def _event(self, status: str, message: str = "", gap_seconds: float = 0.0) -> SourceEvent:
         return SourceEvent(status, self.name, message, gap_seconds)
 
+    def _end_events(self, read: int, expected: int | None, fps: float | None) -> list[SourceEvent]:
+        """The "ended" event, after a "gap" if fewer frames came than the container promised."""
+        why = early_end_message(self.name, self.kind, read, expected)
+        if why is None:
+            return [self._event("ended", "end of input")]
+        assert expected is not None
+        missing_s = (expected - read) / fps if fps else 0.0
+        log.warning("%s", why)
+        return [self._event("gap", why, missing_s), self._event("ended", "end of input")]
+
+    def _backend_end_events(self, backend: object) -> list[SourceEvent]:
+        """_end_events for a backend that may know its length (CvBackend on a file)."""
+        expected = getattr(backend, "expected_frames", None)
+        fps = getattr(backend, "nominal_fps", None)
+        return self._end_events(self._counters.captured, expected, fps)
+
     def __enter__(self) -> Source:
         return self
 
@@ -307,7 +368,7 @@ class SequentialSource(Source):
             counters.delivered += 1
             yield frame
         if not self._closed:
-            yield self._event("ended", "end of input")
+            yield from self._backend_end_events(self._backend)
         self.close()
 
     def close(self) -> None:
@@ -321,10 +382,15 @@ class SequentialSource(Source):
 def classify_spec(spec: str | int) -> tuple[SourceKind, str | int]:
     """Decide what a spec names; returns the kind and the normalised target."""
     if isinstance(spec, bool) or not isinstance(spec, (str, int)):
-        raise SourceError(f"source {spec!r} is not a camera index, path or URL; try --source 0")
+        raise SourceSpecError(
+            f"source {spec!r} is not a camera index, path or URL; pass {SPEC_FORMS}"
+        )
     if isinstance(spec, int):
         return SourceKind.CAMERA, spec
     text = spec.strip()
+    if not text:
+        # Path("") is ".", which would quietly read the current folder as images.
+        raise SourceSpecError(f"the source is empty ({spec!r}); pass {SPEC_FORMS}")
     if text.isdigit():
         return SourceKind.CAMERA, int(text)
     if _DEVICE_RE.match(text):
@@ -333,6 +399,8 @@ def classify_spec(spec: str | int) -> tuple[SourceKind, str | int]:
         return SourceKind.GSTREAMER, text
     if text.startswith("file://"):
         text = text.removeprefix("file://")
+        if not text:
+            raise SourceSpecError(f"the source {spec!r} names no file; pass {SPEC_FORMS}")
     elif _URL_RE.match(text):
         return SourceKind.URL, text
     if Path(text).expanduser().is_dir():
@@ -381,7 +449,8 @@ def open_camera(target: str | int, clock_origin: float) -> CvBackend:
     if on_linux and not os.path.exists(device):
         raise SourceError(f"{label} could not be opened: no such device {device}; {_camera_hint()}")
     api = cv2.CAP_V4L2 if on_linux else cv2.CAP_ANY
-    cap = cv2.VideoCapture(target, api)
+    with quiet_opencv():
+        cap = cv2.VideoCapture(target, api)
     if not cap.isOpened():
         cap.release()
         why = "permission denied" if on_linux and not os.access(device, os.R_OK) else "busy"
@@ -392,14 +461,16 @@ def open_camera(target: str | int, clock_origin: float) -> CvBackend:
     return CvBackend(cap, live=True, clock_origin=clock_origin)
 
 
-def open_url(url: str, options: CaptureOptions, clock_origin: float) -> CvBackend:
+def open_url_capture(url: str, options: CaptureOptions) -> cv2.VideoCapture:
+    """An opened cv2 capture on a stream URL, or SourceError saying why not."""
     params = [
         cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
         int(options.open_timeout_s * 1000),
         cv2.CAP_PROP_READ_TIMEOUT_MSEC,
         int(options.read_timeout_s * 1000),
     ]
-    cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+    with quiet_opencv():
+        cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
     if not cap.isOpened():
         cap.release()
         hint = f"check the URL and that the server is running (try: ffprobe '{url}')"
@@ -412,7 +483,27 @@ def open_url(url: str, options: CaptureOptions, clock_origin: float) -> CvBacken
             f"stream {url} could not be opened within {options.open_timeout_s:g} s "
             f"(unreachable, refused, or no video in it); {hint}"
         )
-    return CvBackend(cap, live=True, clock_origin=clock_origin)
+    return cap
+
+
+def open_url(url: str, options: CaptureOptions, clock_origin: float) -> CvBackend:
+    """A live stream, stamped with capture time."""
+    return CvBackend(open_url_capture(url, options), live=True, clock_origin=clock_origin)
+
+
+def recorded_url_backend(cap: cv2.VideoCapture, url: str) -> CvBackend:
+    """A URL whose capture has a frame count (a file served over HTTP): played like a file,
+    stamped with container time, ending at its end instead of reconnecting."""
+    backend = CvBackend(cap, live=False, clock_origin=0.0)
+    if not backend.prime() or backend.retrieve() is None:
+        backend.release()
+        raise SourceError(
+            f"stream {url} is a recorded video of {backend.expected_frames} frames, but its "
+            "first frame could not be read; if it is an .mp4, the server may not support "
+            "range requests: serve it from one that does, or move its index to the front "
+            "(ffmpeg -i in.mp4 -c copy -movflags +faststart out.mp4)"
+        )
+    return backend
 
 
 def gstreamer_available() -> bool:
@@ -428,7 +519,8 @@ def open_gstreamer(pipeline: str, clock_origin: float) -> CvBackend:
             "system OpenCV (apt python3-opencv, without opencv-python in the venv), or pass a "
             "camera index, file or URL instead"
         )
-    cap = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
+    with quiet_opencv():
+        cap = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
     if not cap.isOpened():
         cap.release()
         raise SourceError(
@@ -477,7 +569,8 @@ def open_file_capture(path: str, *, threads: int | None = None) -> cv2.VideoCapt
     if not os.access(p, os.R_OK):
         raise SourceError(f"video file {path} is not readable (permission denied); chmod +r it")
     params = [cv2.CAP_PROP_N_THREADS, threads] if threads else []
-    cap = cv2.VideoCapture(str(p), cv2.CAP_FFMPEG, params)
+    with quiet_opencv():
+        cap = cv2.VideoCapture(str(p), cv2.CAP_FFMPEG, params)
     if not cap.isOpened():
         cap.release()
         raise SourceError(_diagnose_unreadable(path))
@@ -518,10 +611,12 @@ def open_source(
     """Open a camera, file, stream URL, GStreamer pipeline or image folder.
 
     fps samples frames onto a k/fps timestamp grid (None keeps every frame). Live sources
-    (cameras, URLs, pipelines) always capture in a thread, keep only the newest sampled frame
-    and reconnect on failure. Files and image folders do the same, paced to the wall clock,
-    when realtime is True; with realtime False they yield every sampled frame as fast as it
-    decodes. Raises SourceError, naming the source and a fix, if it cannot be opened.
+    (cameras, live stream URLs, pipelines) always capture in a thread, keep only the newest
+    sampled frame and reconnect on failure. Files, image folders and URLs that report a
+    frame count (a video file served over HTTP) play once: paced to the wall clock in a
+    thread when realtime is True; with realtime False yielding every sampled frame as fast
+    as it decodes. Raises SourceError, naming the source and a fix, if it cannot be opened
+    (SourceSpecError, a usage error, if the spec itself is malformed).
     """
     from .live import LiveSource  # live.py builds on this module
     from .parallel import ParallelFileSource
@@ -542,6 +637,14 @@ def open_source(
     elif kind is SourceKind.IMAGES:
         assert isinstance(target, str)
         backend = open_image_dir(target, fps or options.image_fps)
+    elif kind is SourceKind.URL:
+        cap = open_url_capture(str(target), options)
+        if finite_frame_count(cap) is not None:
+            backend = recorded_url_backend(cap, str(target))
+        else:  # live: reconnects when it drops, like a camera
+            first = CvBackend(cap, live=True, clock_origin=origin)
+            reopen = _live_opener(kind, target, options, origin)
+            return LiveSource(name, kind, first, fps=fps, reopen=reopen, backoff=options.backoff)
     else:
         reopen = _live_opener(kind, target, options, origin)
         return LiveSource(name, kind, reopen(), fps=fps, reopen=reopen, backoff=options.backoff)
