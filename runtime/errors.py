@@ -21,6 +21,12 @@ class SourceError(OnsightError):
     exit_code = 3
 
 
+class SourceSpecError(SourceError):
+    """The source argument itself is malformed (empty, wrong type): a usage error."""
+
+    exit_code = 2
+
+
 class EngineError(OnsightError):
     """An inference backend is unavailable or failed."""
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from ..errors import SourceError
+from ..errors import SourceError, SourceSpecError
 from ..events import SourceEvent
 from ..frames import Frame
 from .quiet import quiet_opencv
@@ -50,12 +50,6 @@ SPEC_FORMS = (
     "a camera index (0) or device (/dev/video0), a video file, a folder of images, "
     "a stream URL (rtsp://, http://, udp://), or a GStreamer pipeline ending in appsink"
 )
-
-
-class SourceSpecError(SourceError):
-    """The source argument itself is malformed (empty, wrong type): a usage error."""
-
-    exit_code = 2
 
 
 class SourceKind(Enum):
