@@ -30,7 +30,7 @@ from onsight.runtime.events import (
     StatsEvent,
     WarningEvent,
 )
-from onsight.runtime.frames import Frame
+from onsight.runtime.frames import Frame, check_image
 from onsight.runtime.preprocess import letterbox
 from onsight.runtime.stream_loop import FrameOutcome, Sampler, StreamLoop
 from onsight.runtime.template import build_template_ids
@@ -79,36 +79,6 @@ class AssistantConfig:
             problems.append(f"stats_every={self.stats_every!r}: give >= 1")
         if problems:
             raise OnsightError("AssistantConfig: " + "; ".join(problems))
-
-
-def check_image(image: object) -> np.ndarray:
-    """The frame `push` takes, (H, W, 3) uint8 RGB, or an OnsightError saying how to get one."""
-    if not isinstance(image, np.ndarray):
-        raise OnsightError(
-            f"push(): expected a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}"
-        )
-    shape, dtype = image.shape, image.dtype
-    hint = ""
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
-        hint = "; grayscale: np.repeat(img.reshape(h, w, 1), 3, axis=2)"
-    elif image.ndim == 3 and image.shape[2] == 4:
-        hint = "; RGBA: drop alpha with img[..., :3]"
-    elif image.ndim == 3 and image.shape[0] == 3 and image.shape[2] != 3:
-        hint = "; channels first (3, H, W): img.transpose(1, 2, 0)"
-    elif image.ndim == 4 and image.shape[0] == 1:
-        hint = "; one frame at a time: img[0]"
-    elif image.ndim == 3 and image.shape[2] == 3 and dtype != np.uint8:
-        if dtype.kind == "f":
-            hint = "; floats in [0, 1]: (img * 255).clip(0, 255).astype(np.uint8)"
-        else:
-            hint = "; convert to 8 bits per channel, e.g. (img >> 8).astype(np.uint8) for 16"
-    if image.ndim != 3 or image.shape[2] != 3 or dtype != np.uint8:
-        raise OnsightError(
-            f"push(): expected an (H, W, 3) uint8 RGB frame, got {dtype} {shape}{hint}"
-        )
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise OnsightError(f"push(): the frame is empty ({shape})")
-    return np.ascontiguousarray(image)
 
 
 class _Tokens:
