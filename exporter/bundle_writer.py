@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from onsight.exporter.config import ModConfig, parse_mod_layers, parse_tokens_per_frame
-from onsight.exporter.model import StreamingModel, staging_dir
+from onsight.exporter.model import StreamingModel, staging_dir, why_unwritable, write_error
 from onsight.exporter.onnx_export import export_graphs
 from onsight.exporter.parity import run_parity
 from onsight.exporter.reference import layout_for
@@ -31,7 +32,7 @@ from onsight.runtime.bundle import (
     BUNDLE_FORMAT_VERSION,
     write_manifest,
 )
-from onsight.runtime.errors import ExportError
+from onsight.runtime.errors import ExportError, OnsightError
 from onsight.runtime.kv_policy import EvictionPolicy
 from onsight.runtime.template import build_template_ids
 
@@ -59,14 +60,46 @@ class ExportOptions:
 Progress = Callable[[str], None]
 
 
-def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
-    """The same weights with the export's MoD and frame-token settings."""
-    cfg = model.cfg
+def check_options(opts: ExportOptions) -> None:
+    """Refuse flags that are wrong whatever the model (checked before a checkpoint loads)."""
     if opts.keep_ratio is not None and not 0.0 <= opts.keep_ratio <= 1.0:
         raise ExportError(
             f"--keep-ratio {opts.keep_ratio}: must be in [0, 1], e.g. 0.2 (0 with "
             "--mod-layers from:E is early exit)"
         )
+    if opts.dtype not in ("fp32", "fp16"):
+        raise ExportError(f"--dtype {opts.dtype!r}: use fp32 or fp16")
+    if not opts.fps > 0 or opts.fps == float("inf"):
+        raise ExportError(f"--fps {opts.fps}: the sampling rate must be positive (default 2)")
+    if opts.keep_text_tokens < 0:
+        raise ExportError(f"--keep-text-tokens {opts.keep_text_tokens}: give 0 or more")
+    if opts.kv_capacity < 1:
+        raise ExportError(f"--kv-capacity {opts.kv_capacity}: give a positive number of tokens")
+
+
+def check_out(out: str | Path) -> Path:
+    """Refuse an --out that exists or cannot be created (before minutes of loading)."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise ExportError(
+            f"output directory {out} already exists; choose another --out or delete it"
+        )
+    problem = why_unwritable(out)
+    if problem:
+        raise ExportError(f"cannot write {out}: {problem}; choose another --out")
+    return out
+
+
+def check_export_args(out: str | Path, opts: ExportOptions) -> Path:
+    """Every check of `onsight export`'s flags that needs no model; returns `out` as a Path."""
+    check_options(opts)
+    return check_out(out)
+
+
+def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
+    """The same weights with the export's MoD and frame-token settings."""
+    cfg = model.cfg
+    check_options(opts)
     try:
         layers = cfg.mod.layers
         if opts.mod_layers is not None:
@@ -235,17 +268,7 @@ def export_bundle(
 ) -> tuple[Path, dict[str, Any]]:
     """Export, parity-check and atomically publish a bundle. Returns (path, manifest)."""
     say = progress or (lambda msg: log.info("%s", msg))
-    out = Path(out)
-    if out.exists():
-        raise ExportError(
-            f"output directory {out} already exists; choose another --out or delete it"
-        )
-    if opts.dtype not in ("fp32", "fp16"):
-        raise ExportError(f"--dtype {opts.dtype!r}: use fp32 or fp16")
-    if not opts.fps > 0:
-        raise ExportError(f"--fps {opts.fps}: the sampling rate must be positive (default 2)")
-    if opts.keep_text_tokens < 0:
-        raise ExportError(f"--keep-text-tokens {opts.keep_text_tokens}: give 0 or more")
+    out = check_export_args(out, opts)
     model = apply_options(model, opts)
     dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
     max_pos = int(getattr(model.decoder.lm.config, "max_position_embeddings", 0) or 0)
@@ -305,11 +328,33 @@ def export_bundle(
         say("[3/4] writing bundle.json with checksums")
         write_manifest(tmp, manifest)
         say(f"[4/4] publishing {out}")
-        os.replace(tmp, out)
+        _publish(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, e) from e
+    except OnsightError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # write_text_atomic's "cannot write" names the staging path, not --out
+        if not isinstance(e, ExportError) and isinstance(e.__cause__, OSError):
+            raise write_error(out, e.__cause__) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out, manifest
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished staging directory onto `out`; refuse if `out` appeared meanwhile."""
+    try:
+        os.replace(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            raise ExportError(
+                f"cannot write {out}: it was created while this export ran (another export to "
+                "the same --out?); this one was not published: choose another --out"
+            ) from e
+        raise
 
 
 def _copy_to(model: StreamingModel, dtype: torch.dtype) -> StreamingModel:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,12 +221,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        version = d.get("format_version")
-        if version != CONFIG_FORMAT_VERSION:
-            raise CheckpointError(
-                f"{source}: format_version {version!r} is not supported (this onsight reads "
-                f"{CONFIG_FORMAT_VERSION}); re-save the checkpoint with this version of onsight"
-            )
+        _check_version(d, source)
+        version = d["format_version"]
+        _check_types(d, source)
         try:
             vision = dict(d["vision"])
             vision["tiny_channels"] = tuple(vision.get("tiny_channels", (32, 64, 128)))
@@ -236,10 +235,10 @@ class ModelConfig:
                 decoder=dict(d["decoder"]),
                 vision=VisionConfig(**vision),
                 preprocess=PreprocessConfig(**pre),
-                projector_hidden=int(d.get("projector_hidden", 0)),
+                projector_hidden=d.get("projector_hidden", 0),
                 mod=ModConfig(**mod),
                 template=TemplateConfig(**d["template"]),
-                has_layer_experts=bool(d.get("has_layer_experts", False)),
+                has_layer_experts=d.get("has_layer_experts", False),
                 format_version=version,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -259,3 +258,120 @@ class ModelConfig:
             ) from e
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+# ---- checking a config.json before building from it ----
+
+# transformers config keys the decoder is built from, and their JSON types
+_DECODER_TYPES: dict[str, Any] = {
+    "architectures": list[str],
+    "hidden_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": int | None,
+    "intermediate_size": int,
+    "vocab_size": int,
+    "max_position_embeddings": int,
+    "head_dim": int | None,
+    "rms_norm_eps": float,
+    "rope_theta": float,
+    "tie_word_embeddings": bool,
+}
+_DECODER_REQUIRED = ("architectures", "hidden_size", "num_hidden_layers")
+_SECTIONS = {
+    "vision": VisionConfig,
+    "preprocess": PreprocessConfig,
+    "mod": ModConfig,
+    "template": TemplateConfig,
+}
+
+
+def _check_version(d: Any, source: str) -> None:
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{source}: holds a JSON {type(d).__name__}, not an object")
+    if "format_version" not in d:
+        raise CheckpointError(
+            f"{source}: not an onsight checkpoint config (no format_version); a transformers "
+            "model directory is exported with --format compose (or --format auto)"
+        )
+    version = d["format_version"]
+    if not _matches(int, version):
+        raise CheckpointError(f"{source}: format_version is {version!r}, expected a whole number")
+    if version > CONFIG_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: format_version {version} was written by a newer onsight (this one reads "
+            f"{CONFIG_FORMAT_VERSION}); upgrade onsight"
+        )
+    if version != CONFIG_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: format_version {version} is not supported (this onsight reads "
+            f"{CONFIG_FORMAT_VERSION}); re-save the checkpoint with this version of onsight"
+        )
+
+
+def _check_types(d: dict[str, Any], source: str) -> None:
+    """Refuse a value of the wrong JSON type, naming the field and the type it needs (the
+    dataclasses would accept it and fail later, far from the file)."""
+    hints = typing.get_type_hints(ModelConfig)
+    for key in ("decoder", *_SECTIONS, "projector_hidden", "has_layer_experts"):
+        if key in d and not _matches(hints[key] if key in hints else dict, d[key]):
+            _wrong(source, key, d[key], dict if key in _SECTIONS else hints[key])
+    decoder = d.get("decoder", {})
+    for key in _DECODER_REQUIRED:
+        if key not in decoder:
+            raise CheckpointError(f"{source}: decoder.{key} is missing")
+    for key, want in _DECODER_TYPES.items():
+        if key in decoder and not _matches(want, decoder[key]):
+            _wrong(source, f"decoder.{key}", decoder[key], want)
+    for section, cls in _SECTIONS.items():
+        fields = typing.get_type_hints(cls)
+        for key, value in d.get(section, {}).items():
+            if key in fields and not _matches(fields[key], value):
+                _wrong(source, f"{section}.{key}", value, fields[key])
+
+
+def _matches(want: Any, value: Any) -> bool:
+    """Whether a JSON value fits a type hint (JSON lists stand for tuples)."""
+    origin, args = typing.get_origin(want), typing.get_args(want)
+    if want is Any:
+        return True
+    if want is type(None):
+        return value is None
+    if want is bool:
+        return isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if want is str:
+        return isinstance(value, str)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(a, value) for a in args)
+    if want is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            return False
+        return all(_matches(args[0] if args else Any, x) for x in value)
+    return True
+
+
+def _describe(want: Any) -> str:
+    origin, args = typing.get_origin(want), typing.get_args(want)
+    if origin in (typing.Union, types.UnionType):
+        named = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin in (tuple, list):
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        plural = {int: "whole numbers", float: "numbers", str: "strings"}.get(args[0], "values")
+        return f"a list of {len(args)} {plural}" if fixed else f"a list of {plural}"
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    return names.get(want, "an object" if want is dict or origin is dict else str(want))
+
+
+def _wrong(source: str, field_name: str, value: Any, want: Any) -> None:
+    raise CheckpointError(
+        f"{source}: {field_name} is {json.dumps(value)}, expected {_describe(want)}; fix config.json"
+    )

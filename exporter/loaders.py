@@ -53,8 +53,16 @@ PathLike = str | Path
 def detect_format(source: PathLike) -> str:
     """`onsight`, `videollm-online` or `compose`, from the files in the directory."""
     d = _need_dir(source, "checkpoint")
+    if (d / "bundle.json").is_file():
+        raise CheckpointError(
+            f"{d}: this is a bundle (already exported), not a checkpoint; use it as it is "
+            f"(`onsight info {d}`, `onsight narrate --engine {d}`) or export a checkpoint "
+            "directory"
+        )
     config = d / "config.json"
     cfg = read_json(config, "transformers or onsight config") if config.is_file() else {}
+    if not isinstance(cfg, dict):
+        cfg = {}
     if "format_version" in cfg and "vision" in cfg:
         return "onsight"
     if (d / "adapter_config.json").is_file():
@@ -90,7 +98,7 @@ def load_checkpoint(
         if value is not None:
             log.warning("--%s %s is ignored for a %s checkpoint", name, value, fmt)
     if fmt == "onsight":
-        return load_native(_need_dir(source, "onsight checkpoint"))
+        return load_native(_need_onsight_dir(source))
     if fmt == "videollm-online":
         return load_videollm_online(source, base=base, vision=vision, experts=experts)
     return load_compose(source, vision=vision, projector=projector, experts=experts)
@@ -198,9 +206,23 @@ def _assemble(cfg: ModelConfig, lm: nn.Module, vis: _Vision, proj: dict, experts
 def _need_dir(path: PathLike, what: str) -> Path:
     d = Path(path)
     if not d.exists():
-        raise CheckpointError(f"{d}: missing ({what}); check the path")
+        raise CheckpointError(f"{d}: does not exist ({what} expected there); check the path")
     if not d.is_dir():
         raise CheckpointError(f"{d}: is a file, but the {what} is a directory")
+    return d
+
+
+def _need_onsight_dir(source: PathLike) -> Path:
+    """The directory of an onsight checkpoint; a transformers model directory is named as such."""
+    d = _need_dir(source, "onsight checkpoint")
+    config = d / "config.json"
+    cfg = read_json(config, "onsight config") if config.is_file() else None
+    if isinstance(cfg, dict) and "format_version" not in cfg:
+        raise CheckpointError(
+            f"{d}: not an onsight checkpoint (config.json has no format_version"
+            + ("; it is a transformers model config" if cfg.get("architectures") else "")
+            + "); use --format compose for a transformers model directory, or --format auto"
+        )
     return d
 
 
@@ -369,14 +391,19 @@ def _decoder_dict(cfg: dict) -> dict:
 
 def _load_lm(d: Path, cfg: dict) -> nn.Module:
     import transformers
+    from safetensors import SafetensorError
 
     cls = getattr(transformers, arch_spec(cfg["architectures"][0]).model_class)
-    _weight_files(d)  # a clear error before transformers' own
+    # clear errors naming the file before transformers' own: a missing or truncated file
+    for f in _weight_files(d):
+        if f.suffix == ".safetensors":
+            with _safetensors(f):  # reads the header and checks it against the file's size
+                pass
     try:
         lm, info = cls.from_pretrained(
             str(d), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"{d}: transformers could not load the LLM ({e})") from e
     # transformers fills missing tensors with random values and only warns; refuse that.
     tied = lm.config.tie_word_embeddings

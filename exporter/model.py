@@ -16,7 +16,7 @@ from torch import nn
 from onsight.exporter.config import ModelConfig
 from onsight.exporter.decoder import ModDecoder, build_hf_lm
 from onsight.exporter.vision import FrameEncoder
-from onsight.runtime.errors import CheckpointError
+from onsight.runtime.errors import CheckpointError, ExportError
 from onsight.runtime.files import current_umask
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,37 @@ def staging_dir(out: Path, tag: str = "") -> Path:
     (0755 under the usual 022), so the published bundle or checkpoint is as readable by other
     users (a robot's service account, a shared board) as any directory the user creates.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}", dir=out.parent))
-    tmp.chmod(0o777 & ~current_umask())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}", dir=out.parent))
+        tmp.chmod(0o777 & ~current_umask())
+    except OSError as e:
+        raise write_error(out, e) from e
     return tmp
+
+
+def write_error(out: Path, e: OSError) -> ExportError:
+    """An OSError while writing `out` (or its hidden staging sibling), said in terms of `out`:
+    a read-only or full disk, a file where a directory should be, no permission."""
+    blocker = _file_above(out)
+    reason = f"{blocker} is a file, not a directory" if blocker else e.strerror or str(e)
+    return ExportError(f"cannot write {out}: {reason}; choose another --out")
+
+
+def why_unwritable(out: Path) -> str | None:
+    """Why `out` (not there yet) could not be created, or None: checked before long work."""
+    blocker = _file_above(out)
+    if blocker is not None:
+        return f"{blocker} is a file, not a directory"
+    nearest = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"{nearest} is not writable (read-only or no permission)"
+    return None
+
+
+def _file_above(out: Path) -> Path | None:
+    """The first of `out`'s parents that exists but is no directory."""
+    return next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
 
 
 def save_native(
@@ -97,9 +124,11 @@ def save_native(
 
 
 def load_native(path: str | Path) -> tuple[StreamingModel, Path]:
-    """Load an onsight checkpoint directory; returns (model, tokenizer.json path)."""
-    from safetensors.torch import load_file
+    """Load an onsight checkpoint directory; returns (model in eval mode, tokenizer.json path).
 
+    Every tensor the config implies must be in model.safetensors, and nothing else: a tensor
+    left out would keep its random initial value and the export would narrate noise.
+    """
     d = Path(path)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (d / name).is_file():
@@ -109,27 +138,67 @@ def load_native(path: str | Path) -> tuple[StreamingModel, Path]:
             )
     cfg = ModelConfig.load(d / "config.json")
     model = StreamingModel(cfg)
-    state = load_file(str(d / "model.safetensors"))
+    weights = d / "model.safetensors"
+    state = read_safetensors(weights)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    # Tied embeddings are stored once; accept their absence.
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing:
-        raise CheckpointError(
-            f"{d / 'model.safetensors'}: missing tensor {missing[0]!r} (and {len(missing) - 1} more)"
-        )
-    for k, v in state.items():
-        if k not in expected:
-            raise CheckpointError(
-                f"{d / 'model.safetensors'}: unexpected tensor {k!r}; does config.json match?"
-            )
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(
-                f"{d / 'model.safetensors'}: tensor {k!r} has shape {tuple(v.shape)}, config.json "
-                f"implies {tuple(expected[k].shape)}; the config and weights do not belong together"
-            )
+    _check_native_keys(weights, state, expected)
     model.load_state_dict(state, strict=False)
     return model.eval(), d / "tokenizer.json"
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or foreign file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); copy the checkpoint again"
+        ) from e
+
+
+def _check_native_keys(
+    weights: Path, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming them.
+
+    A key may be absent only when its tensor is shared with one that is present (the same
+    storage in the model): tied embeddings (tie_word_embeddings: lm_head is embed_tokens)
+    and the decoder's own references to the LLM's embedding and head.
+    """
+    present_storage = {expected[k].data_ptr() for k in state if k in expected} - {0}
+    missing = sorted(
+        k for k in set(expected) - set(state) if expected[k].data_ptr() not in present_storage
+    )
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensor{'s' * (len(missing) > 1)} {_names(missing)}")
+        head_alone = not any("embed" in k for k in missing)  # else the head was tied to it
+        if head_alone and any(k.endswith("lm_head.weight") for k in missing):
+            problems[-1] += (
+                " (the output head: with tie_word_embeddings false it has weights of its own)"
+            )
+    if unexpected:
+        problems.append(f"unexpected tensor{'s' * (len(unexpected) > 1)} {_names(unexpected)}")
+    if problems:
+        raise CheckpointError(
+            f"{weights}: {'; '.join(problems)}; config.json and the weights do not belong "
+            "together (or the file is incomplete): save the checkpoint again"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"{weights}: tensor {k!r} has shape {tuple(v.shape)}, config.json "
+                f"implies {tuple(expected[k].shape)}; the config and weights do not belong together"
+            )
+
+
+def _names(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def read_json(path: Path, what: str) -> dict:

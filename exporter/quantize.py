@@ -38,11 +38,18 @@ def _quantize_graph(src: Path, dst: Path) -> None:
         )
 
 
-def top1_agreement(bundle_dir: Path, frames: int = 16) -> dict[str, Any]:
-    """Teacher-forced top-1 agreement of the int8 graphs with fp32 (runtime.agreement)."""
+def top1_agreement(
+    bundle_dir: Path, frames: int = 16, int8_files: dict[str, Path] | None = None
+) -> dict[str, Any]:
+    """Teacher-forced top-1 agreement of the int8 graphs with fp32 (runtime.agreement).
+    `int8_files` ({graph: path}): graphs not yet published in bundle.json; default: its
+    graph_overrides."""
     bundle = load_bundle(bundle_dir, verify=False)
     fp32 = OrtSessions(bundle, "cpu", use_overrides=False)
-    int8 = OrtSessions(bundle, "cpu", use_overrides=True)
+    if int8_files is None:
+        int8 = OrtSessions(bundle, "cpu", use_overrides=True)
+    else:
+        int8 = OrtSessions(bundle, "cpu", use_overrides=False, graph_files=int8_files)
     return agreement.top1_agreement(fp32, int8, parity_frames(frames, bundle.image_size, seed=1))
 
 
@@ -63,7 +70,9 @@ def quantize_bundle(
             f"{d}: int8 quantization starts from an fp32 bundle; re-export with --dtype fp32"
         )
     manifest = json.loads((d / "bundle.json").read_text())
-    # Work on copies in a temporary directory; publish by renaming files in, then bundle.json.
+    # Quantize and measure copies in a temporary directory; bundle.json names the int8 graphs
+    # only once they are checked, in one atomic write: an interrupted build leaves the fp32
+    # bundle as it was, never graph_overrides without their agreement.
     tmp = Path(tempfile.mkdtemp(prefix=".int8-", dir=d))
     try:
         overrides = {}
@@ -72,6 +81,17 @@ def quantize_bundle(
             name = f"{g}.int8.onnx"
             _quantize_graph(bundle.graph_path(g), tmp / name)
             overrides[g] = name
+        say("[4/4] measuring top-1 agreement with fp32 (teacher-forced replay)")
+        result = top1_agreement(d, int8_files={g: tmp / f for g, f in overrides.items()})
+        fp32_bytes = sum(_graph_bytes(bundle.graph_path(g)) for g in overrides)
+        int8_bytes = sum(_graph_bytes(tmp / f) for f in overrides.values())
+        result.update(
+            weight_type="int8 per-channel dynamic", bytes_fp32=fp32_bytes, bytes_int8=int8_bytes
+        )
+        if manifest.pop("graph_overrides", None) is not None:
+            # an earlier int8 build: unlist its graphs before their files are replaced
+            manifest.pop("int8", None)
+            write_manifest(d, manifest)
         for name in overrides.values():
             for f in (name, name + ".data"):
                 if (tmp / f).is_file():
@@ -79,14 +99,6 @@ def quantize_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["graph_overrides"] = overrides
-    write_manifest(d, manifest)
-    say("[4/4] measuring top-1 agreement with fp32 (teacher-forced replay)")
-    result = top1_agreement(d)
-    fp32_bytes = sum(_graph_bytes(d / bundle.manifest["graphs"][g]["file"]) for g in overrides)
-    int8_bytes = sum(_graph_bytes(d / f) for f in overrides.values())
-    result.update(
-        weight_type="int8 per-channel dynamic", bytes_fp32=fp32_bytes, bytes_int8=int8_bytes
-    )
     manifest["int8"] = result
     write_manifest(d, manifest)
     say(

@@ -55,9 +55,28 @@ NON_NEGATIVE = _number(float, 0, what="a number >= 0")
 
 def cmd_export(a: argparse.Namespace) -> int:
     _need_exporter()
-    from onsight.exporter.bundle_writer import ExportOptions, default_kv_capacity, export_bundle
+    import dataclasses
+
+    from onsight.exporter.bundle_writer import (
+        ExportOptions,
+        check_export_args,
+        default_kv_capacity,
+        export_bundle,
+    )
     from onsight.exporter.loaders import load_checkpoint
 
+    opts = ExportOptions(
+        keep_ratio=a.keep_ratio,
+        mod_layers=a.mod_layers,
+        router=a.router,
+        tokens_per_frame=a.tokens_per_frame,
+        dtype=a.dtype,
+        fps=a.fps,
+        keep_text_tokens=a.keep_text_tokens,
+    )
+    if a.kv_capacity is not None:
+        opts = dataclasses.replace(opts, kv_capacity=a.kv_capacity)
+    check_export_args(a.out, opts)  # before loading, which takes minutes for a big model
     print(f"loading {a.source} ...", file=sys.stderr)
     model, tok = load_checkpoint(
         a.source,
@@ -67,17 +86,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         experts=a.experts,
         fmt=a.format,
     )
-    kv_capacity = default_kv_capacity(model) if a.kv_capacity is None else a.kv_capacity
-    opts = ExportOptions(
-        keep_ratio=a.keep_ratio,
-        mod_layers=a.mod_layers,
-        router=a.router,
-        tokens_per_frame=a.tokens_per_frame,
-        kv_capacity=kv_capacity,
-        dtype=a.dtype,
-        fps=a.fps,
-        keep_text_tokens=a.keep_text_tokens,
-    )
+    if a.kv_capacity is None:
+        opts = dataclasses.replace(opts, kv_capacity=default_kv_capacity(model))
     out, manifest = export_bundle(
         model, tok, a.out, opts, progress=lambda m: print(m, file=sys.stderr)
     )
@@ -96,6 +106,17 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def cmd_build(a: argparse.Namespace) -> int:
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if a.quantize == "int8" and a.backend == "tensorrt":
+        raise OnsightError(
+            "--quantize int8 is CPU int8 for onnxruntime: use --backend onnxruntime --quantize "
+            "int8 (for TensorRT int8 use --precision int8 instead)"
+        )
+    if a.backend == "onnxruntime" and a.precision is not None:
+        raise OnsightError(
+            f"--precision {a.precision} is for --backend tensorrt; onnxruntime graphs keep the "
+            "bundle's precision (re-export with --dtype fp16) or use --quantize int8"
+        )
+    a.precision = a.precision or "fp16"
     if a.calibrate_only or a.calibration_video:
         if a.backend != "tensorrt" or a.precision != "int8":
             raise OnsightError(
@@ -252,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="TensorRT plans (GPU) or int8 graphs (CPU) from a bundle")
     b.add_argument("bundle")
     b.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime"])
-    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
+    b.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "fp16", "int8"],
+        help="TensorRT plans' precision (default fp16)",
+    )
     b.add_argument("--quantize", default=None, choices=["int8"])
     b.add_argument(
         "--calibration-video",
@@ -361,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except FileNotFoundError as e:
         print(f"onsight: error: {e.filename}: no such file or directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a full or read-only disk, no permission: the user can act on these
+        log.debug("OS error", exc_info=True)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"onsight: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - the user sees a message, -v shows the traceback
         log.debug("unexpected error", exc_info=True)

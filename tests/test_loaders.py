@@ -85,7 +85,7 @@ def test_detect_format(ck, compose_model, tmp_path):
     assert detect_format(native) == "onsight"
     with pytest.raises(CheckpointError, match="cannot tell"):
         detect_format(ck.root / "tok_plain")
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="nowhere: does not exist"):
         detect_format(tmp_path / "nowhere")
 
 
@@ -374,3 +374,14 @@ def test_tokenizer_copy_is_removed_at_exit(ck):
     assert done.returncode == 0, done.stderr
     copy = Path(done.stdout.strip())
     assert copy.name == "tokenizer.json" and not copy.parent.exists()
+
+
+def test_truncated_llm_weights_name_the_file(ck, tmp_path):
+    llm = copy_dir(ck.base, tmp_path / "llm")
+    weights = llm / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    msg = _raises(
+        "not a readable safetensors file", llm, vision=ck.siglip_vision, projector=ck.proj
+    )
+    assert str(weights) in msg
