@@ -529,3 +529,36 @@ def test_eval_refuses_bad_flags_saying_what_to_do(argv, said, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
     assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unwritable_out_before_narrating(tmp_path, capsys, monkeypatch):
+    import onsight.exporter.demo.evaluate as ev
+
+    def never(*a, **k):
+        raise AssertionError("narrated before checking --out")
+
+    monkeypatch.setattr(ev, "evaluate", never)
+    (tmp_path / "afile").write_text("")
+    for out, said in (
+        (tmp_path / "afile" / "report.json", f"{tmp_path / 'afile'} is a file, not a directory"),
+        (tmp_path, "is a directory, and the report is a file"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--out", str(out), "--streams", "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--out {out}: {said}" in err and "choose another" in err
+
+
+def test_eval_shows_progress_per_stream_on_stderr(tmp_path, capsys):
+    if not (SHIPPED / "bundle.json").is_file():
+        pytest.skip(f"{SHIPPED} is missing")
+    from onsight.exporter.demo.evaluate import main
+
+    out = tmp_path / "new" / "report.json"
+    assert (
+        main(["--engine", str(SHIPPED), "--streams", "3", "--frames", "8", "--out", str(out)]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "eval" in captured.err and "3/3" in captured.err and "stream" in captured.err
+    assert "3/3" not in captured.out  # the report on stdout stays clean
+    assert json.loads(out.read_text())["streams"] == 3

@@ -13,6 +13,7 @@ import torch
 
 from onsight.exporter.config import ModConfig
 from onsight.exporter.demo.train import TrainConfig, build_model, make_source, to_tensors
+from onsight.runtime.errors import OnsightError
 
 
 def _train_weights(out: Path, steps: int, resume: bool = False, extend_to: int | None = None):
@@ -84,7 +85,7 @@ def test_warm_start_adds_tower_blocks_without_changing_the_model(tmp_path):
     pos = [block[k] for k in block if k.endswith(".tower.pos")]
     assert len(pos) == 1 and pos[0].shape == (64, 96) and pos[0].abs().sum() > 0
 
-    with pytest.raises(SystemExit, match="neither a train-demo run .* nor a native checkpoint"):
+    with pytest.raises(OnsightError, match="neither a train-demo run .* nor a native checkpoint"):
         bad = dataclasses.replace(tuned_cfg, init_from=str(tmp_path / "nowhere"))
         train(tmp_path / "d", bad, "cpu", resume=False, minutes=None)
 
@@ -160,7 +161,7 @@ def test_warm_start_deepens_the_decoder_without_changing_the_model(tmp_path):
     with torch.no_grad():
         args = (b["ids"], b["frames"], b["frame_pos"])
         assert torch.equal(batched_logits(old, *args), batched_logits(new, *args))
-    with pytest.raises(SystemExit, match="--decoder-layers at least"):
+    with pytest.raises(OnsightError, match="--decoder-layers at least"):
         shallow = dataclasses.replace(base, decoder_layers=2, init_from=str(tmp_path / "a"))
         train(tmp_path / "c", shallow, "cpu", resume=False, minutes=None)
 
@@ -258,7 +259,7 @@ def test_distillation_pulls_toward_the_teacher_and_needs_its_tokenizer(tmp_path)
 
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "tokenizer.json").write_text('{"other": "ids"}')
-    with pytest.raises(SystemExit, match="tokenizer differs"):
+    with pytest.raises(OnsightError, match="tokenizer differs"):
         train(tmp_path / "c", kd, "cpu", resume=False, minutes=None)
 
 
@@ -311,11 +312,11 @@ def test_keep_ratio_anneal_lowers_k_then_ships_the_configured_ratio(tmp_path):
     assert log[0]["aux"] > b["aux"] + 0.5  # the router loss (~1 at init) counts while dense
     model = load_native(native)[0]
     assert model.cfg.mod.keep_ratio == 0.2 and model.decoder.k == 2
-    with pytest.raises(SystemExit, match="nothing to anneal"):
+    with pytest.raises(OnsightError, match="nothing to anneal"):
         main(["--out", str(tmp_path / "c"), "--full-compute", "--anneal-keep-ratio", "5"])
-    with pytest.raises(SystemExit, match="keeps every token"):
+    with pytest.raises(OnsightError, match="keeps every token"):
         main(["--out", str(tmp_path / "c"), "--full-compute", "--keep-last"])
-    with pytest.raises(SystemExit, match="between 0 and --steps"):
+    with pytest.raises(OnsightError, match="between 0 and --steps"):
         main(["--out", str(tmp_path / "c"), "--steps", "4", "--anneal-keep-ratio", "5"])
 
 
@@ -369,7 +370,7 @@ def test_change_targets_read_where_text_still_reads_every_vision_token(demo_tok,
     after.append(model.decoder.lm_head.weight)
     assert before > 1e-6
     assert all(float(p.grad.abs().max()) < 1e-4 * before for p in after)  # rounding only
-    with pytest.raises(SystemExit, match="--change-layer 4: give a decoder layer in 1..3"):
+    with pytest.raises(OnsightError, match="--change-layer 4: give a decoder layer in 1..3"):
         bad = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=4, change_layer=4)
         train(tmp_path / "bad", bad, "cpu", resume=False, minutes=None)
 
@@ -467,7 +468,7 @@ def test_narration_delay_moves_the_chosen_kinds_speak_frames(demo_tok):
         (1, "jump", "unknown event kind"),
         (1, ",", "is empty"),
     ):
-        with pytest.raises(SystemExit, match=says):
+        with pytest.raises(OnsightError, match=says):
             narration_delay(frames, kinds)
 
 
@@ -553,3 +554,20 @@ def test_train_demo_refuses_a_file_as_its_run_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path / "f")])
     assert "is a file; give a run directory" in capsys.readouterr().err
+
+
+def test_train_demo_refusals_are_onsight_errors_with_exit_2(tmp_path, capsys):
+    """An existing run without --resume, or contradictory flags: `onsight: error: ...`, exit 2,
+    and the run directory untouched."""
+    from onsight.runtime.cli import main
+
+    run = tmp_path / "t1"
+    run.mkdir()
+    (run / "train_state.pt").write_bytes(b"an earlier run")
+    assert main(["train-demo", "--out", str(run), "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"onsight: error: {run / 'train_state.pt'} exists: pass --resume" in err
+    assert sorted(p.name for p in run.iterdir()) == ["train_state.pt"]
+    argv = ["train-demo", "--out", str(tmp_path / "t2"), "--keep-last", "--full-compute"]
+    assert main(argv) == 2
+    assert "onsight: error: --keep-last chooses which tokens" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,10 +214,18 @@ def held_out_streams(
 
 
 def score_narrator(
-    narrator: BundleNarrator, data: Sequence[Stream], window_s: float
+    narrator: BundleNarrator,
+    data: Sequence[Stream],
+    window_s: float,
+    on_stream: Callable[[], None] | None = None,
 ) -> tuple[dict[str, object], list[StreamResult]]:
-    """Narrate every stream through the bundle; event scores and question accuracy."""
-    results = [narrator.run(s) for s in data]
+    """Narrate every stream through the bundle; event scores and question accuracy.
+    `on_stream` is called after each stream (a progress bar's update)."""
+    results = []
+    for s in data:
+        results.append(narrator.run(s))
+        if on_stream:
+            on_stream()
     reports = [  # matched once per stream; every pooled table reads these
         score_narrations(r.predictions, s.events, window_s=window_s)
         for r, s in zip(results, data, strict=True)
@@ -252,11 +260,13 @@ def evaluate(
     threads: int | None = None,
     threshold: float | None = None,
     qdq: bool = False,
+    on_stream: Callable[[], None] | None = None,
 ) -> dict[str, object]:
-    """Narrate held-out streams through the bundle and score them."""
+    """Narrate held-out streams through the bundle and score them; `on_stream` is called
+    after each stream is narrated."""
     narrator = BundleNarrator(engine, threads, threshold, qdq)
     data = held_out_streams(streams, seed_start, frames, stage)
-    scores, results = score_narrator(narrator, data, window_s)
+    scores, results = score_narrator(narrator, data, window_s, on_stream)
     report: dict[str, object] = {
         "engine": str(engine),
         "streams": streams,
@@ -380,6 +390,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         )
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         return f"--threshold {args.threshold}: a speak probability strictly between 0 and 1"
+    if args.out is not None:
+        problem = _out_problem(Path(args.out))
+        if problem:
+            return f"--out {args.out}: {problem}; choose another path"
     if not args.ablations:
         for flag in ("twin", "bundles"):
             if getattr(args, flag) is not None:
@@ -403,6 +417,15 @@ def _check_args(args: argparse.Namespace) -> str | None:
     ):
         return f"--bundles {args.bundles} is not empty; choose a new directory"
     return None
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why the report could not be written to `out` (checked before minutes of narrating)."""
+    if out.is_dir():
+        return "is a directory, and the report is a file (e.g. eval.json)"
+    from onsight.exporter.model import why_unwritable
+
+    return why_unwritable(out)
 
 
 def main_ablations(args: argparse.Namespace) -> int:
@@ -439,18 +462,24 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.ablations:
         return main_ablations(args)
-    report = evaluate(
-        args.engine,
-        args.streams,
-        args.seed_start,
-        args.frames,
-        args.window,
-        args.stage,
-        args.checkpoint,
-        args.threads,
-        args.threshold,
-        args.qdq,
-    )
+    import sys
+
+    from tqdm import tqdm
+
+    with tqdm(total=args.streams, desc="eval", unit="stream", file=sys.stderr) as bar:
+        report = evaluate(
+            args.engine,
+            args.streams,
+            args.seed_start,
+            args.frames,
+            args.window,
+            args.stage,
+            args.checkpoint,
+            args.threads,
+            args.threshold,
+            args.qdq,
+            on_stream=bar.update,
+        )
     print(markdown(report))
     if args.out:
         write_text_atomic(args.out, json.dumps(report, indent=2))

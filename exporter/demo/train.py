@@ -42,6 +42,7 @@ from onsight.exporter.demo.train_config import (
     stage_at,
 )
 from onsight.exporter.model import StreamingModel, save_native
+from onsight.runtime.errors import OnsightError
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) ->
     unexpected = [k for k in unexpected if not _is_expert(k)]
     foreign = [k for k in missing if not _is_tower_block(k) and _new_layer(k, old_layers) < 0]
     if foreign or unexpected:
-        raise SystemExit(
+        raise OnsightError(
             f"--init-from {run_dir}: its model does not match this one (missing {foreign[:3]}, "
             f"unexpected {unexpected[:3]}); use the same --keep-ratio / --full-compute, and "
             "--decoder-layers at least the earlier run's"
@@ -311,7 +312,7 @@ def init_vision(model: StreamingModel) -> None:
 def load_run(run_dir: Path) -> tuple[StreamingModel, TrainConfig]:
     """The model of a train-demo run directory at its latest checkpoint, and its config."""
     if not (run_dir / STATE_FILE).is_file():
-        raise SystemExit(f"{run_dir}: no {STATE_FILE} there; pass a train-demo --out")
+        raise OnsightError(f"{run_dir}: no {STATE_FILE} there; pass a train-demo --out")
     state = load_state(run_dir / STATE_FILE)
     tcfg = TrainConfig.from_json(state["train_config"])
     model = build_model(run_dir / "tokenizer.json", tcfg)
@@ -327,7 +328,7 @@ def load_run_model(run_dir: Path) -> StreamingModel:
 def load_teacher(run_dir: Path, tok_path: Path, device: str) -> StreamingModel:
     """A frozen teacher for distillation; it must share this run's tokenizer."""
     if (run_dir / "tokenizer.json").read_text() != tok_path.read_text():
-        raise SystemExit(
+        raise OnsightError(
             f"--distill-from {run_dir}: its tokenizer differs from this run's; a teacher must "
             "come from the same tokenizer (start both from the same --init-from run)"
         )
@@ -375,7 +376,7 @@ def train(
         # A longer --steps extends the run: the cosine is re-drawn over the new total.
         tcfg = dataclasses.replace(saved, steps=max(saved.steps, extend_to or 0))
     elif state_path.exists():
-        raise SystemExit(f"{state_path} exists: pass --resume, or choose another --out")
+        raise OnsightError(f"{state_path} exists: pass --resume, or choose another --out")
     elif resume:
         log.warning(
             "--resume: nothing saved in %s yet (no %s); starting a new run", out, STATE_FILE
@@ -383,7 +384,7 @@ def train(
     if tcfg.init_from and not start:
         init_dir = Path(tcfg.init_from)
         if not (init_dir / STATE_FILE).is_file() and not is_native_dir(init_dir):
-            raise SystemExit(
+            raise OnsightError(
                 f"--init-from {init_dir}: neither a train-demo run ({STATE_FILE}) nor a native "
                 "checkpoint (config.json, model.safetensors, tokenizer.json); pass a "
                 "train-demo --out or a checkpoint such as engines/demo-checkpoint"
@@ -404,7 +405,7 @@ def train(
     change_mid = None
     if tcfg.change_layer >= 0:
         if heads is None or not 0 < tcfg.change_layer < tcfg.decoder_layers:
-            raise SystemExit(
+            raise OnsightError(
                 f"--change-layer {tcfg.change_layer}: give a decoder layer in 1.."
                 f"{tcfg.decoder_layers - 1}, with the auxiliary losses on (--aux-weight > 0)"
             )

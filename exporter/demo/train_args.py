@@ -9,6 +9,7 @@ from onsight.exporter.config import GATES
 from onsight.exporter.demo.data import NarrationDelay
 from onsight.exporter.demo.objective import ROUTER_TARGETS
 from onsight.exporter.demo.train_config import TrainConfig
+from onsight.runtime.errors import OnsightError
 from onsight.runtime.synthetic import curriculum
 
 # The smallest gap between two events in any world a run trains on (the curriculum's stages).
@@ -200,30 +201,30 @@ def _check_numbers(args: argparse.Namespace) -> str | None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's TrainConfig from its flags; a contradictory combination exits with the reason."""
+    """The run's TrainConfig from its flags; a contradictory combination is an OnsightError."""
     delay = narration_delay(args.narration_delay, args.delay_kinds)
     if args.decoder_layers < 2:
-        raise SystemExit(
+        raise OnsightError(
             f"--decoder-layers {args.decoder_layers}: the decoder needs at least 2 layers "
             "(LayerExperts sit on every other one: 1, 3, ...)"
         )
     if args.router_target != "scene" and args.router_weight <= 0:
-        raise SystemExit(
+        raise OnsightError(
             f"--router-target {args.router_target} has no effect without the router loss: "
             "add --router-weight (e.g. 1)"
         )
     if args.keep_last and (args.full_compute or args.keep_ratio >= 1.0):
-        raise SystemExit(
+        raise OnsightError(
             "--keep-last chooses which tokens routed layers keep; the full-compute twin "
             "(r = 1) keeps every token: drop one of them"
         )
     if args.anneal_keep_ratio and (args.full_compute or args.keep_ratio >= 1.0):
-        raise SystemExit(
+        raise OnsightError(
             "--anneal-keep-ratio lowers the keep ratio toward --keep-ratio; the full-compute "
             "twin (r = 1) has nothing to anneal: drop one of them"
         )
     if args.anneal_keep_ratio < 0 or args.anneal_keep_ratio > (args.steps or 3000):
-        raise SystemExit(
+        raise OnsightError(
             f"--anneal-keep-ratio {args.anneal_keep_ratio}: give a step count between 0 and "
             f"--steps ({args.steps or 3000}), so the run ends at --keep-ratio"
         )
@@ -261,18 +262,18 @@ def narration_delay(frames: int, kinds: str | None) -> NarrationDelay:
     """--narration-delay and --delay-kinds, checked: kinds only with a delay, a delay below
     the world's event gap (so no two narrations share a frame), at least one known kind."""
     if kinds is not None and not frames:
-        raise SystemExit(
+        raise OnsightError(
             f"--delay-kinds {kinds!r} does nothing without --narration-delay FRAMES (e.g. 1)"
         )
     if not 0 <= frames < MIN_EVENT_GAP:
-        raise SystemExit(
+        raise OnsightError(
             f"--narration-delay {frames}: give 0 to {MIN_EVENT_GAP - 1} frames; events are "
             f"{MIN_EVENT_GAP} frames apart, so a longer delay would reach the next event"
         )
     try:
         delay = NarrationDelay.parse(frames, "move" if kinds is None else kinds)
     except ValueError as e:
-        raise SystemExit(f"--delay-kinds: {e}") from None
+        raise OnsightError(f"--delay-kinds: {e}") from None
     if frames and not delay.kinds:
-        raise SystemExit("--delay-kinds is empty: name at least one event kind, or 'all'")
+        raise OnsightError("--delay-kinds is empty: name at least one event kind, or 'all'")
     return delay
