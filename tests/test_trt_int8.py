@@ -18,7 +18,7 @@ import pytest
 from onsight.exporter.trt_compat import check_graph
 from onsight.runtime.bundle import GRAPHS, load_bundle
 from onsight.runtime.cli import main
-from onsight.runtime.errors import ExportError
+from onsight.runtime.errors import ExportError, OnsightError
 from onsight.runtime.trt_int8 import build_qdq_graphs
 
 
@@ -179,7 +179,7 @@ def test_eval_scores_the_qdq_graphs_of_the_demo_bundle(tmp_path):
         pytest.skip("engines/demo is missing")
     b = tmp_path / "demo"
     shutil.copytree(demo, b)
-    with pytest.raises(SystemExit, match="--calibrate-only"):
+    with pytest.raises(OnsightError, match="--calibrate-only"):
         evaluate(b, streams=1, frames=10, qdq=True)
     build_qdq_graphs(b, frames=8)
     report = evaluate(b, streams=2, frames=30, qdq=True)

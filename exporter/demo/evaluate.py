@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from onsight.exporter.demo.teacher_forced import teacher_forced_report
+from onsight.runtime.errors import OnsightError
 from onsight.runtime.files import write_text_atomic
 from onsight.runtime.synthetic import (
     NarrationReport,
@@ -102,7 +103,7 @@ class BundleNarrator:
         if qdq:  # the calibrated Q/DQ graphs for TensorRT int8, run by onnxruntime's CPU
             qdq_meta = self.bundle.manifest.get("qdq")
             if not qdq_meta:
-                raise SystemExit(
+                raise OnsightError(
                     f"{engine} has no Q/DQ graphs: run `onsight build {engine} --precision int8 "
                     "--calibrate-only` first"
                 )
