@@ -88,9 +88,14 @@ def quantize_bundle(
         result.update(
             weight_type="int8 per-channel dynamic", bytes_fp32=fp32_bytes, bytes_int8=int8_bytes
         )
-        if manifest.pop("graph_overrides", None) is not None:
-            # an earlier int8 build: unlist its graphs before their files are replaced
+        earlier = manifest.pop("graph_overrides", None)
+        if earlier is not None:
+            # an earlier int8 build: delete and unlist its graphs before the new ones move in,
+            # so bundle.json never lists a checksum of a file about to be replaced
             manifest.pop("int8", None)
+            for name in earlier.values():
+                for f in (name, name + ".data"):
+                    (d / f).unlink(missing_ok=True)
             write_manifest(d, manifest)
         for name in overrides.values():
             for f in (name, name + ".data"):

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from onsight.runtime.events import (
 )
 from onsight.runtime.frames import Frame, check_image
 from onsight.runtime.preprocess import letterbox
-from onsight.runtime.stream_loop import FrameOutcome, Sampler, StreamLoop
+from onsight.runtime.stream_loop import FrameOutcome, Sampler, StreamLoop, TemplateIds
 from onsight.runtime.template import build_template_ids
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,25 @@ class AssistantConfig:
             problems.append(f"stats_every={self.stats_every!r}: give >= 1")
         if problems:
             raise OnsightError("AssistantConfig: " + "; ".join(problems))
+
+
+def question_budget(bundle, t: TemplateIds, max_new_tokens: int) -> int:
+    """The longest question (tokens) whose turn survives any eviction while it is answered.
+
+    An eviction keeps the system prompt and the newest turn (the one being decoded) and
+    brings every layer under (1 - free_fraction) of its capacity; the frame before the
+    question, the question's turn and the longest answer but its last token must fit there
+    in every layer (text is stored in full in routed layers too).
+    """
+    lay = bundle.layout
+    keep = 1.0 - bundle.policy.free_fraction
+    room = min(
+        int(lay.capacity(i) * keep) - (lay.k if i in lay.routed else lay.tokens_per_frame)
+        for i in range(lay.num_layers)
+    )
+    before = 2 + len(t.stream_open)  # fed with the frame: a previous turn's EOS, "\n["
+    turn = len(t.stream_close) + len(t.user_prefix) + len(t.assistant_prefix)
+    return max(0, room - len(t.sink) - before - turn - (max_new_tokens - 1))
 
 
 class _Tokens:
@@ -137,6 +157,7 @@ class Assistant:
         gen = self.bundle.generation
         self.fps = float(self.config.fps if self.config.fps is not None else gen.get("fps", 2.0))
         self._stepper = _TimedStepper(self.backend.stepper())
+        self._questions: deque[str] = deque()  # shared by every loop: ask() never waits
         self._loop = StreamLoop(
             self._stepper,
             build_template_ids(self.tokens.tok, self.bundle.template),
@@ -148,11 +169,15 @@ class Assistant:
                 else gen["max_new_tokens"]
             ),
             sampler=Sampler(temperature=self.config.temperature),
+            questions=self._questions,
         )
+        self._max_question = question_budget(self.bundle, self._loop.t, self._loop.max_new_tokens)
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for work in flight
-        self._inflight = 0
+        self._inflight: Counter[int] = Counter()  # thread id -> calls in flight on it
+        self._sources: set = set()  # what narrate() is reading, closed by close()
         self._closed = False
+        self._released = False
         self._last_timestamp: float | None = None
         self._last_embeds: np.ndarray | None = None
         self._processed = 0
@@ -181,7 +206,8 @@ class Assistant:
     # ---- the three verbs ----
 
     def ask(self, question: str) -> None:
-        """Queue a question; its AnswerEvent follows the next processed frame.
+        """Queue a question; its AnswerEvent follows the next processed frame. Never waits
+        for the frame being processed.
 
         Raises OnsightError for a question that is not a string, empty, or longer than the
         bundle's KV cache can hold in one turn (`max_question_tokens`)."""
@@ -191,28 +217,18 @@ class Assistant:
         q = question.strip()
         if not q:
             raise OnsightError("ask(): the question is empty")
-        n, limit = len(self.tokens.encode(q)), self.max_question_tokens()
+        n, limit = len(self.tokens.encode(q)), self._max_question
         if n > limit:
             raise OnsightError(
                 f"ask(): the question is {n} tokens; this bundle's KV cache holds at most {limit} "
-                "in one turn: ask a shorter question (or re-export with a larger --kv-capacity)"
+                f"beside an answer of up to {self._loop.max_new_tokens} tokens: ask a shorter "
+                "question (or lower max_new_tokens, or re-export with a larger --kv-capacity)"
             )
-        with self._lock:  # not into a loop that reset() is replacing
-            self._check_open()
-            self._loop.ask(q)
+        self._questions.append(q)  # deque.append is atomic
 
     def max_question_tokens(self) -> int:
-        """The longest question (in tokens) that one turn can hold beside the system prompt,
-        the frame it follows and the longest answer, in every layer's KV cache."""
-        lay, t = self.bundle.layout, self._loop.t
-        turn = len(t.stream_close) + len(t.user_prefix) + len(t.assistant_prefix)
-        # before the frame: what a previous turn left to feed (its EOS) and "\n["
-        before = 2 + len(t.stream_open)
-        room = min(
-            lay.capacity(i) - (lay.k if i in lay.routed else lay.tokens_per_frame)
-            for i in range(lay.num_layers)
-        )
-        return max(0, room - len(t.sink) - before - turn - self._loop.max_new_tokens - 2)
+        """The longest question (in tokens) `ask()` takes (see `question_budget`)."""
+        return self._max_question
 
     def push(self, image: np.ndarray, timestamp: float | None = None) -> list[Event]:
         """Process one frame now; returns the events it produced.
@@ -266,6 +282,8 @@ class Assistant:
         from onsight.runtime.synthetic.cli import resolve_source
 
         if max_frames is not None and max_frames < 1:
+            if isinstance(source, Source):
+                source.close()  # it was handed over to be read and closed
             raise OnsightError(f"narrate(): max_frames={max_frames!r}: give >= 1, or None")
         if isinstance(source, Source):
             src = source
@@ -285,6 +303,8 @@ class Assistant:
         )
         done = 0
         last_stats: StatsEvent | None = None
+        with self._lock:
+            self._sources.add(src)
         try:
             waited = time.perf_counter()
             for item in pipe.run(src):
@@ -310,15 +330,21 @@ class Assistant:
                     break
                 waited = time.perf_counter()
         finally:
+            with self._lock:
+                self._sources.discard(src)
             pipe.close()
             st = src.stats()  # what the source read in the end, not at the last frame
             self._captured, self._dropped = st.frames_captured, st.frames_dropped
             src.close()
-        if self._closed:
-            return
-        # the last frame's StatsEvent already closes the run unless frames came after it
-        if last_stats is None or last_stats.frames_processed != self._processed:
-            yield self.stats()
+        with self._lock:
+            if self._closed:
+                return
+            # the last frame's StatsEvent already closes the run unless frames came after it
+            final = None
+            if last_stats is None or last_stats.frames_processed != self._processed:
+                final = self.stats()
+        if final is not None:
+            yield final
 
     # ---- internals ----
 
@@ -344,17 +370,23 @@ class Assistant:
 
     @contextmanager
     def _working(self):
-        """Hold the sessions open while this block runs (close() waits for it)."""
+        """Hold the sessions open while this block runs: close() from another thread waits
+        for it; close() from this very thread (a signal handler, a callback) leaves the
+        release to its end."""
+        me = threading.get_ident()
         with self._lock:
-            if self._closed:
-                raise _Closed("this Assistant is closed; create a new one")
-            self._inflight += 1
+            self._check_open()
+            self._inflight[me] += 1
         try:
             yield
         finally:
             with self._lock:
-                self._inflight -= 1
+                self._inflight[me] -= 1
+                if not self._inflight[me]:
+                    del self._inflight[me]
                 self._idle.notify_all()
+                if self._closed and not self._inflight:
+                    self._release()
 
     def _is_duplicate(self, embeds: np.ndarray) -> bool:
         if (
@@ -368,8 +400,7 @@ class Assistant:
         return float(cos.mean()) >= self.config.duplicate_threshold
 
     def _on_embeds(self, frame: Frame, embeds: np.ndarray) -> Iterator[Event]:
-        with self._lock:
-            self._check_open()
+        with self._lock, self._working():
             if self._is_duplicate(embeds):
                 self._skipped += 1
                 return
@@ -402,11 +433,15 @@ class Assistant:
             for q, ids in out.answers:
                 events.append(AnswerEvent(q, self.tokens.decode(ids), frame.index, frame.timestamp))
             if self._processed % max(1, self.config.stats_every) == 0:
-                events.append(self.stats())
+                events.append(self._stats())
         yield from events
 
     def stats(self) -> StatsEvent:
-        self._check_open()
+        with self._lock:
+            self._check_open()
+            return self._stats()
+
+    def _stats(self) -> StatsEvent:
         cache = self._stepper.inner.cache
         elapsed = max(1e-9, time.perf_counter() - self._t0)
         return StatsEvent(
@@ -432,7 +467,6 @@ class Assistant:
         with self._lock:
             self._check_open()
             self._stepper.inner.reset()
-            queued = self._loop.questions
             self._loop = StreamLoop(
                 self._stepper,
                 self._loop.t,
@@ -440,8 +474,8 @@ class Assistant:
                 self._loop.threshold,
                 self._loop.max_new_tokens,
                 self._loop.sample,
+                questions=self._questions,  # questions asked and not yet answered stay
             )
-            self._loop.questions.extend(queued)
             self._last_embeds = None
             self._last_timestamp = None
 
@@ -450,18 +484,35 @@ class Assistant:
             raise _Closed("this Assistant is closed; create a new one")
 
     def close(self) -> None:
-        """Free the sessions and the KV cache. Safe from any thread: a frame in flight is
-        finished first; `narrate()` running elsewhere then ends, and other calls raise
-        OnsightError."""
+        """Free the sessions and the KV cache; safe from any thread. Calls in flight on other
+        threads finish first (a frame still being encoded is refused with OnsightError); a
+        `narrate()` running elsewhere ends (its source is closed too, so a stalled stream
+        does not keep it waiting); later calls raise OnsightError. From inside a call on this
+        thread (a signal handler), the release happens when that call returns."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            while self._inflight:
+            sources = list(self._sources)
+        for src in sources:  # wakes a narrate() blocked on its source
+            try:
+                src.close()
+            except Exception:  # noqa: BLE001 - closing must go on
+                log.debug("closing a source failed", exc_info=True)
+        with self._lock:
+            me = threading.get_ident()
+            while any(t != me for t in self._inflight):
                 self._idle.wait()
-            self.backend.close()
-            self._stepper = None  # type: ignore[assignment]
-            self._loop = None  # type: ignore[assignment]
+            if not self._inflight:
+                self._release()
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.backend.close()
+        self._stepper = None  # type: ignore[assignment]
+        self._loop = None  # type: ignore[assignment]
 
     def __enter__(self) -> Assistant:
         return self

@@ -34,7 +34,8 @@ def _number(kind: type, low: float, inclusive: bool = True, what: str = "") -> C
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         ok = x >= low if inclusive else x > low
         if not ok or x != x or x in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(
@@ -46,6 +47,10 @@ def _number(kind: type, low: float, inclusive: bool = True, what: str = "") -> C
 
 
 POSITIVE_INT = _number(int, 1, what="a whole number >= 1")
+SOURCE_HELP = (
+    "camera index or /dev/videoN, video file, RTSP/HTTP/UDP URL, GStreamer pipeline, "
+    "image folder, or demo (the synthetic demo video)"
+)
 POSITIVE = _number(float, 0, inclusive=False, what="a number > 0")
 NON_NEGATIVE = _number(float, 0, what="a number >= 0")
 
@@ -305,8 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "--source",
         required=True,
-        help="camera index or /dev/videoN, video file, RTSP/HTTP/UDP URL, GStreamer pipeline, "
-        "image folder, or demo (the synthetic demo video)",
+        help=SOURCE_HELP,
     )
     n.add_argument(
         "--fps", type=POSITIVE, default=None, help="sampling rate (default: the bundle's)"

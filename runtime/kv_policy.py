@@ -137,10 +137,12 @@ class TokenTable:
         target_mod = min(int(cap_mod * (1 - policy.free_fraction)), cap_mod - new_mod)
         kinds, groups, vision = self.kinds, self.groups, self.vision
         keep = np.ones(self.n, bool)
-        # Oldest narration turns beyond the text budget go first.
+        # Oldest narration turns beyond the text budget go first. The newest turn stays (it
+        # may be the one being decoded: an answer must keep its question) unless, below,
+        # nothing else is left to drop.
         turn_groups = _ordered_unique(groups[kinds == TURN])
         turn_tokens = int((kinds == TURN).sum())
-        for g in turn_groups:
+        for g in turn_groups[:-1]:
             if turn_tokens <= policy.keep_text_tokens:
                 break
             sel = groups == g

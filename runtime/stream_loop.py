@@ -93,6 +93,7 @@ class StreamLoop:
         threshold: float,
         max_new_tokens: int = 100,
         sampler: Sampler | None = None,
+        questions: deque[str] | None = None,
     ):
         self.stepper = stepper
         self.t = template
@@ -100,7 +101,8 @@ class StreamLoop:
         self.threshold = threshold
         self.max_new_tokens = max_new_tokens
         self.sample = sampler or Sampler()
-        self.questions: deque[str] = deque()
+        # pending questions; an owner may pass its own deque to keep them across loops
+        self.questions: deque[str] = deque() if questions is None else questions
         self._groups = 0
         self._pending: list[int] = []
         self.frames_seen = 0

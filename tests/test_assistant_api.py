@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,22 +78,50 @@ def test_push_refuses_bad_timestamps_and_warns_when_they_go_back(demo):
     assert len(warned) == 1 and "earlier than the last" in warned[0].message
 
 
+def _answer_turn_tokens(a: Assistant) -> int:
+    """Tokens of the newest turn in the cache: the question just answered, and its answer."""
+    from onsight.runtime.kv_policy import TURN
+
+    table = a._stepper.inner.cache.table
+    groups = table.groups[table.kinds == TURN]
+    return int((groups == groups.max()).sum())
+
+
 def test_ask_refuses_what_it_cannot_answer_and_answers_up_to_its_limit(demo):
     for bad in (None, 42, b"what"):
         with pytest.raises(OnsightError, match="must be a str"):
             demo.ask(bad)
     limit = demo.max_question_tokens()
-    assert 50 < limit < demo.bundle.layout.capacity_mod
+    assert 30 < limit < demo.bundle.layout.capacity_mod
     words = limit
     while len(demo.tokens.encode("what " * words)) > limit:
         words -= 1
+    n = len(demo.tokens.encode("what " * words))
     with pytest.raises(OnsightError, match=f"at most {limit}.*shorter question"):
         demo.ask("what " * (limit + 5))
-    for i in range(12):  # frames before it, so evictions have to make room
+    for i in range(40):  # frames before it: the cache is nearly full and must evict
         demo.push(FRAME, i * 0.5)
+    evictions = demo.stats().evictions
     demo.ask("what " * words)
-    events = demo.push(FRAME, 6.0)
+    events = demo.push(FRAME, 20.0)
     assert [type(e) for e in events] == [AnswerEvent]
+    assert demo.stats().evictions > evictions  # room was made while it was answered ...
+    assert _answer_turn_tokens(demo) >= n  # ... and the question stayed in the cache
+
+
+def test_a_long_answer_turn_is_not_evicted_from_under_itself():
+    """Regression: an eviction while decoding dropped the turn being decoded when it alone
+    exceeded the text budget, so the answer lost its question."""
+    from onsight.runtime.kv_policy import TURN, EvictionPolicy, TokenTable
+
+    table = TokenTable(k=2)
+    table.append(5, 0, table.new_group())  # system prompt
+    for _ in range(3):
+        table.append(10, 1, table.new_group(), vision=True)
+    turn = table.new_group()
+    table.append(30, TURN, turn)  # longer than the text budget below
+    plan = table.plan(EvictionPolicy(keep_text_tokens=8), 60, 60, routed=False, new_dense=1)
+    assert plan.keep[table.groups == turn].all()
 
 
 def test_reset_keeps_questions_already_asked(demo):
@@ -138,6 +167,88 @@ def test_close_from_another_thread_while_frames_are_in_flight():
         assert not t.is_alive()
         assert len(errors) == 1 and isinstance(errors[0], OnsightError), errors
         assert "closed" in str(errors[0])
+
+
+def test_close_from_inside_a_call_on_the_same_thread_does_not_hang():
+    """A signal handler or callback closing the Assistant mid-push: the push ends, then the
+    sessions are released (close() must not wait for its own thread)."""
+    a = Assistant(DEMO)
+    encode = a.backend.encode
+
+    def encode_then_close(pixels):
+        out = encode(pixels)
+        a.close()  # as a SIGINT handler would, while this thread is inside push()
+        return out
+
+    a.backend.encode = encode_then_close
+    done = threading.Event()
+    result: list = []
+
+    def run():
+        try:
+            a.push(FRAME, 0.0)
+        except OnsightError as e:
+            result.append(e)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(30), "close() from inside push() deadlocked"
+    assert result and "closed" in str(result[0])
+    assert a._released
+    with pytest.raises(OnsightError, match="closed"):
+        a.ask("hi")
+
+
+def test_close_ends_a_narrate_blocked_on_a_stalled_source():
+    from onsight.runtime.capture.sources import Source, SourceKind
+
+    class Stalled(Source):
+        def __init__(self):
+            super().__init__("stalled", SourceKind.URL)
+            self.closed = threading.Event()
+
+        def __iter__(self):
+            self.closed.wait(60)  # a stream that never sends a frame until closed
+            return iter(())
+
+        def close(self):
+            self.closed.set()
+
+    a = Assistant(DEMO)
+    out: list = []
+    t = threading.Thread(target=lambda: out.extend(a.narrate(Stalled())), daemon=True)
+    t.start()
+    time.sleep(0.5)
+    a.close()
+    t.join(15)
+    assert not t.is_alive(), "narrate() kept waiting on its source after close()"
+    assert not any(isinstance(e, StatsEvent) for e in out)
+
+
+def test_ask_does_not_wait_for_the_frame_being_processed():
+    a = Assistant(DEMO)
+    inner = a._stepper.inner
+    entered, release = threading.Event(), threading.Event()
+    frame_step = inner.frame
+
+    def slow_frame(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return frame_step(*args, **kwargs)
+
+    inner.frame = slow_frame
+    events: list = []
+    t = threading.Thread(target=lambda: events.extend(a.push(FRAME, 0.0)), daemon=True)
+    t.start()
+    assert entered.wait(30)
+    started = time.perf_counter()
+    a.ask("how many objects are there?")
+    assert time.perf_counter() - started < 1.0
+    release.set()
+    t.join(30)
+    events += a.push(FRAME, 0.5)  # answered after that frame or this one
+    assert [type(e) for e in events] == [AnswerEvent]
+    a.close()
 
 
 def test_narrate_ends_with_one_stats_event_and_refuses_zero_frames(tmp_path):

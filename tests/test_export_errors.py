@@ -286,3 +286,24 @@ def test_interrupted_int8_build_publishes_no_graph_overrides(tiny_bundle, tmp_pa
     m = load_bundle(b).manifest
     assert set(m["graph_overrides"]) == {"vision", "text_step", "frame_step"}
     assert m["int8"]["top1_agreement"] >= 0.8
+
+
+def test_interrupted_int8_rebuild_leaves_a_bundle_that_verifies(tiny_bundle, tmp_path, monkeypatch):
+    import onsight.exporter.quantize as quantize
+
+    b = Path(shutil.copytree(tiny_bundle[0], tmp_path / "b"))
+    argv = ["build", str(b), "--backend", "onnxruntime", "--quantize", "int8"]
+    assert main(argv) == 0
+    real_move = shutil.move
+    moved: list[str] = []
+
+    def move_one_then_interrupt(src, dst):  # Ctrl-C while the new int8 graphs move in
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(src)
+        return real_move(src, dst)
+
+    monkeypatch.setattr(quantize.shutil, "move", move_one_then_interrupt)
+    assert main(argv) == 130
+    m = load_bundle(b).manifest  # every listed checksum still matches its file
+    assert "graph_overrides" not in m and "int8" not in m

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from onsight.runtime.cli import POSITIVE, POSITIVE_INT
+from onsight.runtime.cli import POSITIVE, POSITIVE_INT, SOURCE_HELP
 from onsight.runtime.errors import OnsightError
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source",
         default="0",
-        help="camera index or /dev/videoN, video file, RTSP/HTTP/UDP URL, GStreamer pipeline, "
-        "image folder, or demo",
+        help=SOURCE_HELP,
     )
     p.add_argument(
         "--fps", type=POSITIVE, default=None, help="sampling rate (default: the bundle's)"
