@@ -582,5 +582,11 @@ def _read_experts(path: PathLike, llm_cfg: dict) -> dict[int, dict[str, torch.Te
     return out
 
 
+MOD_KEEP_RATIO = 0.2  # VideoLLM-MoD's r: what LayerExperts route at unless --keep-ratio says
+
+
 def _expert_mod(experts: dict) -> ModConfig:
-    return ModConfig(layers=tuple(sorted(experts)), router="learned") if experts else ModConfig()
+    """Routing by the given LayerExperts at VideoLLM-MoD's r (no experts: dense)."""
+    if not experts:
+        return ModConfig()
+    return ModConfig(keep_ratio=MOD_KEEP_RATIO, layers=tuple(sorted(experts)), router="learned")

@@ -29,7 +29,7 @@ def test_export_videollm_online_release(ck, tmp_path, r):  # noqa: F811
         assert check_graph(out / f"{g}.onnx") == []
 
 
-@pytest.mark.parametrize("r", [1.0, 0.2])
+@pytest.mark.parametrize("r", [1.0, 0.2, None])
 def test_export_compose_with_experts(ck, tmp_path, r):  # noqa: F811
     model, tok = load_checkpoint(
         ck.base, vision=ck.siglip_vision, projector=ck.proj, experts=ck.experts
@@ -39,6 +39,8 @@ def test_export_compose_with_experts(ck, tmp_path, r):  # noqa: F811
     )
     assert manifest["parity"]["passed"]
     assert manifest["mod"]["router"] == "learned"
+    # experts without --keep-ratio route at VideoLLM-MoD's r, not at 1 (no saving)
+    assert manifest["mod"]["keep_ratio"] == (0.2 if r is None else r)
 
 
 def test_cli_export_videollm_online(ck, tmp_path, capsys):  # noqa: F811
