@@ -179,6 +179,7 @@ class Assistant:
         self._closed = False
         self._released = False
         self._last_timestamp: float | None = None
+        self._last_frame: Frame | None = None  # the last frame processed
         self._last_embeds: np.ndarray | None = None
         self._processed = 0
         self._skipped = 0
@@ -220,11 +221,29 @@ class Assistant:
         n, limit = len(self.tokens.encode(q)), self._max_question
         if n > limit:
             raise OnsightError(
-                f"ask(): the question is {n} tokens; this bundle's KV cache holds at most {limit} "
+                f"the question is {n} tokens; this bundle's KV cache holds at most {limit} "
                 f"beside an answer of up to {self._loop.max_new_tokens} tokens: ask a shorter "
-                "question (or lower max_new_tokens, or re-export with a larger --kv-capacity)"
+                "question (or lower --max-new-tokens, or re-export with a larger --kv-capacity)"
             )
         self._questions.append(q)  # deque.append is atomic
+
+    def answer_now(self) -> list[Event]:
+        """Answer the questions asked so far without waiting for a frame, from what the KV
+        cache holds (after a file ended, or while a camera is paused); their AnswerEvents
+        carry the last frame's index and timestamp. [] before the first frame (questions then
+        wait for it)."""
+        with self._lock, self._working():
+            last = self._last_frame
+            if last is None:
+                return []
+            try:
+                answers = self._loop.answer_pending()
+            except Exception as e:
+                raise OnsightError(f"answering failed after frame {last.index}: {e}") from e
+            return [
+                AnswerEvent(q, self.tokens.decode(ids), last.index, last.timestamp)
+                for q, ids in answers
+            ]
 
     def max_question_tokens(self) -> int:
         """The longest question (in tokens) `ask()` takes (see `question_budget`)."""
@@ -424,6 +443,7 @@ class Assistant:
             except Exception as e:
                 raise OnsightError(f"inference failed at frame {frame.index}: {e}") from e
             self._processed += 1
+            self._last_frame = frame
             self._stage_ms.update(prefill=self._stepper.prefill_ms, decode=self._stepper.decode_ms)
             events: list[Event] = []
             if out.speak and out.narration:
@@ -478,6 +498,7 @@ class Assistant:
             )
             self._last_embeds = None
             self._last_timestamp = None
+            self._last_frame = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -17,13 +17,14 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_SOURCE = 0, 2, 3
 
 
 def _need_exporter() -> None:
+    """Refuse, saying how to install it, a command that needs the exporter extra."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
         raise OnsightError(
-            f"this command needs the exporter extra ({e.name} is missing): "
-            "pip install 'onsight[exporter]'"
+            f"this command needs the exporter extra ({e.name} is missing): from a checkout, "
+            "pip install -e '.[exporter]' (or pip install 'onsight[exporter]')"
         ) from e
 
 
@@ -149,7 +150,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         raise OnsightError(
             "--backend onnxruntime needs --quantize int8 (the fp32 graphs are already built)"
         )
-    _need_exporter()
+    _need_exporter()  # quantize replays frames through the PyTorch model (parity_frames)
     from onsight.exporter.quantize import quantize_bundle
 
     result = quantize_bundle(a.bundle, progress=lambda m: print(m, file=sys.stderr))
@@ -268,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="what a bundle holds")
-    i.add_argument("bundle")
+    i.add_argument(
+        "bundle", nargs="?", default="engines/demo", help="bundle directory (default: the demo)"
+    )
     i.add_argument("--json", action="store_true", help="print bundle.json's summary as JSON")
     i.add_argument(
         "--budget-mb", type=POSITIVE, default=1024.0, help="KV memory budget for 'frames that fit'"

@@ -149,6 +149,26 @@ class StreamLoop:
         self._pending = tail + list(self.t.stream_open) if closed else [self.t.interval_id]
         return out
 
+    def answer_pending(self) -> list[tuple[str, list[int]]]:
+        """Answer the queued questions now, between frames (after a file ended, say), with
+        the turns a frame boundary would give them; none before the first frame."""
+        if self.frames_seen == 0 or not self.questions:
+            return []
+        t = self.t
+        silent = self._pending == [t.interval_id]  # the stream is open: close it first
+        tail = [] if silent else self._pending[: len(self._pending) - len(t.stream_open)]
+        closed = not silent
+        answers: list[tuple[str, list[int]]] = []
+        while self.questions:
+            q = self.questions.popleft()
+            prefix = tail + ([] if closed else list(t.stream_close))
+            prefix += list(t.user_prefix) + self.encode(q) + list(t.assistant_prefix)
+            answer, tail = self.generate(prefix)
+            answers.append((q, answer))
+            closed = True
+        self._pending = tail + list(t.stream_open)
+        return answers
+
     def generate(self, prefix: list[int]) -> tuple[list[int], list[int]]:
         """Feed `prefix`, then decode until EOS. Returns (tokens, tokens still to be fed)."""
         group = self._group()

@@ -124,6 +124,20 @@ def test_a_long_answer_turn_is_not_evicted_from_under_itself():
     assert plan.keep[table.groups == turn].all()
 
 
+def test_answer_now_answers_from_what_was_seen_without_a_frame(demo):
+    demo.ask("how many objects are there?")
+    assert demo.answer_now() == []  # nothing seen yet: it waits for the first frame
+    frames = [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(6)]
+    events = [e for i, f in enumerate(frames) for e in demo.push(f, i * 0.5)]
+    assert [type(e) for e in events if isinstance(e, AnswerEvent)] == [AnswerEvent]
+    demo.ask("what colour is the square?")
+    (answer,) = demo.answer_now()  # e.g. after the file ended
+    assert isinstance(answer, AnswerEvent) and answer.frame_index == 5
+    assert answer.frame_timestamp == 2.5 and answer.text
+    demo.push(frames[0], 3.0)  # the stream goes on after it
+    assert demo.stats().frames_processed == 7
+
+
 def test_reset_keeps_questions_already_asked(demo):
     demo.push(FRAME, 0.0)
     demo.ask("how many objects are there?")

@@ -75,6 +75,25 @@ def test_runtime_equals_reference_token_by_token_with_eviction_and_question(tiny
     assert ref.stepper.cache.lengths == rt.stepper.cache.lengths
 
 
+def test_answers_between_frames_equal_the_reference_and_the_stream_goes_on(tiny_bundle):
+    """answer_pending (a question after a file ended): the same turns as the reference, after
+    a silent or a spoken frame, and frames after it are read as before."""
+    bundle, sessions, model, rt, ref = _loops(tiny_bundle)
+    embeds = model.encode_frames(torch.from_numpy(_frames(40))).numpy()
+    assert rt.answer_pending() == [] and ref.answer_pending() == []  # nothing seen yet
+    answered = 0
+    for f in range(40):
+        a, b = ref.on_frame(embeds[f]), rt.on_frame(embeds[f])
+        assert (a.speak, a.narration) == (b.speak, b.narration), f"frame {f}"
+        if f in (5, 6, 19, 33):
+            for loop in (rt, ref):
+                loop.ask("what is on the table?")
+            x, y = ref.answer_pending(), rt.answer_pending()
+            assert x == y and len(x) == 1, f"after frame {f}"
+            answered += 1
+    assert answered == 4
+
+
 def test_mod_kv_bytes_per_frame_formula():
     lay = KVLayout(
         num_layers=24,

@@ -125,6 +125,13 @@ class FakeEngine:
     def ask(self, question: str) -> None:
         self.questions.append(question)
 
+    def answer_now(self) -> list:
+        out = []
+        while self.questions:
+            q = self.questions.popleft()
+            out.append(AnswerEvent(q, f"from memory ({q})", self.processed - 1, 0.0))
+        return out
+
     def stats(self) -> StatsEvent:
         n = self.processed
         return StatsEvent(
@@ -256,6 +263,19 @@ async def test_question_gets_answered_in_the_log():
         assert log_of(app).plain("question") == ["you › what moves"]
         assert log_of(app).plain("answer") == ["onsight › a white square (what moves)"]
         assert app.focused is log_of(app)  # back on the log: single-key bindings work
+        await pilot.press("q")
+
+
+@run_async
+async def test_a_question_after_the_video_ended_is_answered_from_what_was_seen():
+    app = make_app(count=3, period=0.01)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.narration_done)
+        await pilot.press("slash")
+        await press_text(pilot, "what moved")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: log_of(app).plain("answer"))
+        assert log_of(app).plain("answer") == ["onsight › from memory (what moved)"]
         await pilot.press("q")
 
 

@@ -339,8 +339,10 @@ class OnsightApp(App[None]):
     @on(SnapshotSaved)
     def _on_snapshot_saved(self, message: SnapshotSaved) -> None:
         self.last_saved = (message.image, message.transcript)
-        saved = [str(p) for p in (message.image, message.transcript) if p is not None]
-        self.query_one(NarrationLog).add_note(self.stream_time, "saved " + ", ".join(saved))
+        saved = [p for p in (message.image, message.transcript) if p is not None]
+        where = saved[0].resolve().parent if saved else None
+        names = ", ".join(p.name for p in saved)
+        self.query_one(NarrationLog).add_note(self.stream_time, f"saved {names} in {where}")
 
     @on(SnapshotFailed)
     def _on_snapshot_failed(self, message: SnapshotFailed) -> None:
@@ -423,20 +425,35 @@ class OnsightApp(App[None]):
         if not question:
             return
         engine = self._engine
-        if engine is None or self.narration_done:
+        after_end = self.narration_done  # no frame will come: answer from what was seen
+        if engine is None or (after_end and not hasattr(engine, "answer_now")):
             self.notify("the engine is not narrating; nothing to answer with", severity="warning")
             return
+        log_widget = self.query_one(NarrationLog)
         try:
             engine.ask(question)  # a deque append: answered after the next processed frame
         except OnsightError as e:
-            self.notify(str(e), severity="error")
+            self.notify(str(e), severity="error")  # the box keeps the text to shorten
+            log_widget.add_warning(self.stream_time, f"question not asked: {e}")
             return
         event.input.value = ""
-        log_widget = self.query_one(NarrationLog)
         log_widget.add_question(self.stream_time, question)
-        if self.paused:
+        if after_end:
+            threading.Thread(target=self._answer_now, args=(engine,), daemon=True).start()
+        elif self.paused:
             log_widget.add_note(self.stream_time, "answered when you resume (p)")
         self.screen.set_focus(log_widget)  # back to the log so p/v/s/q work again
+
+    def _answer_now(self, engine: Engine) -> None:
+        """After the source ended: the questions answered from the KV cache (a thread)."""
+        try:
+            events = engine.answer_now()  # type: ignore[attr-defined]
+        except OnsightError as e:
+            self.post_message(Warned(f"could not answer: {e}"))
+            return
+        for event in events:
+            self._record(event)
+            self.post_message(_message_for(event))
 
     def key_escape(self) -> None:
         if isinstance(self.focused, Input):
