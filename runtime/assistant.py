@@ -171,7 +171,8 @@ class Assistant:
             sampler=Sampler(temperature=self.config.temperature),
             questions=self._questions,
         )
-        self._max_question = question_budget(self.bundle, self._loop.t, self._loop.max_new_tokens)
+        self._max_new_tokens = self._loop.max_new_tokens
+        self._max_question = question_budget(self.bundle, self._loop.t, self._max_new_tokens)
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for work in flight
         self._inflight: Counter[int] = Counter()  # thread id -> calls in flight on it
@@ -222,7 +223,7 @@ class Assistant:
         if n > limit:
             raise OnsightError(
                 f"the question is {n} tokens; this bundle's KV cache holds at most {limit} "
-                f"beside an answer of up to {self._loop.max_new_tokens} tokens: ask a shorter "
+                f"beside an answer of up to {self._max_new_tokens} tokens: ask a shorter "
                 "question (or lower --max-new-tokens, or re-export with a larger --kv-capacity)"
             )
         self._questions.append(q)  # deque.append is atomic
@@ -260,7 +261,7 @@ class Assistant:
         self._check_open()
         img = check_image(image)
         if timestamp is None:
-            ts = time.monotonic()
+            ts = None  # read under the lock below, so threads' clocks stay in order
         else:
             try:
                 ts = float(timestamp)
@@ -272,6 +273,8 @@ class Assistant:
                 raise OnsightError(f"push(): timestamp must be finite, got {timestamp!r}")
         warnings: list[Event] = []
         with self._lock:
+            if ts is None:
+                ts = time.monotonic()
             if self._last_timestamp is not None and ts < self._last_timestamp:
                 warnings.append(
                     self.warn(
@@ -323,6 +326,14 @@ class Assistant:
         done = 0
         last_stats: StatsEvent | None = None
         with self._lock:
+            if self._closed or self._sources:
+                src.close()
+                self._check_open()
+                raise OnsightError(
+                    "this Assistant is already narrating a source: one Assistant narrates one "
+                    "stream (its KV cache is that stream's memory); create another Assistant "
+                    "for a second source"
+                )
             self._sources.add(src)
         try:
             waited = time.perf_counter()
@@ -394,18 +405,27 @@ class Assistant:
         release to its end."""
         me = threading.get_ident()
         with self._lock:
-            self._check_open()
-            self._inflight[me] += 1
+            self._inflight[me] += 1  # counted before the check: a close() from a signal
+            try:  # handler in between then defers its release to our exit
+                self._check_open()
+            except _Closed:
+                self._leave(me)
+                raise
         try:
             yield
         finally:
             with self._lock:
-                self._inflight[me] -= 1
-                if not self._inflight[me]:
-                    del self._inflight[me]
-                self._idle.notify_all()
-                if self._closed and not self._inflight:
-                    self._release()
+                self._leave(me)
+
+    def _leave(self, me: int) -> None:
+        """One call on thread `me` is done (under the lock); the last one out after
+        close() releases the sessions."""
+        self._inflight[me] -= 1
+        if not self._inflight[me]:
+            del self._inflight[me]
+        self._idle.notify_all()
+        if self._closed and not self._inflight:
+            self._release()
 
     def _is_duplicate(self, embeds: np.ndarray) -> bool:
         if (
@@ -457,8 +477,7 @@ class Assistant:
         yield from events
 
     def stats(self) -> StatsEvent:
-        with self._lock:
-            self._check_open()
+        with self._lock, self._working():
             return self._stats()
 
     def _stats(self) -> StatsEvent:
@@ -484,8 +503,7 @@ class Assistant:
     def reset(self) -> None:
         """Forget the stream (empty the KV cache); the next frame starts a new one.
         Questions already asked and not yet answered are kept for that frame."""
-        with self._lock:
-            self._check_open()
+        with self._lock, self._working():
             self._stepper.inner.reset()
             self._loop = StreamLoop(
                 self._stepper,
@@ -507,20 +525,13 @@ class Assistant:
     def close(self) -> None:
         """Free the sessions and the KV cache; safe from any thread. Calls in flight on other
         threads finish first (a frame still being encoded is refused with OnsightError); a
-        `narrate()` running elsewhere ends (its source is closed too, so a stalled stream
-        does not keep it waiting); later calls raise OnsightError. From inside a call on this
-        thread (a signal handler), the release happens when that call returns."""
+        `narrate()` running elsewhere ends at its source's next frame or event (its own
+        thread closes the source); later calls raise OnsightError. From inside a call on
+        this thread (a signal handler), the release happens when that call returns."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            sources = list(self._sources)
-        for src in sources:  # wakes a narrate() blocked on its source
-            try:
-                src.close()
-            except Exception:  # noqa: BLE001 - closing must go on
-                log.debug("closing a source failed", exc_info=True)
-        with self._lock:
             me = threading.get_ident()
             while any(t != me for t in self._inflight):
                 self._idle.wait()

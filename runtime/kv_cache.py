@@ -159,8 +159,11 @@ class KVCache:
             for i in range(self.layout.num_layers)
         )
 
-    def ensure_room(self, new_dense: int, new_mod: int, inv_freq: np.ndarray) -> bool:
-        """Evict by policy if the next step would overflow any layer. Returns True if it did."""
+    def ensure_room(
+        self, new_dense: int, new_mod: int, inv_freq: np.ndarray, protect: int | None = None
+    ) -> bool:
+        """Evict by policy if the next step would overflow any layer (keeping the turn group
+        `protect` unless nothing else can go). Returns True if it did."""
         if not self.needs_room(new_dense, new_mod):
             return False
         routed = self.layout.routed
@@ -171,6 +174,7 @@ class KVCache:
             bool(routed),
             new_dense,
             new_mod if routed else new_dense,
+            protect=protect,
         )
         self.table.apply(plan)
         self._rebase(plan, inv_freq)

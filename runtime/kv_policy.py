@@ -130,19 +130,22 @@ class TokenTable:
         routed: bool,
         new_dense: int = 0,
         new_mod: int = 0,
+        protect: int | None = None,
     ) -> EvictionPlan:
         """Choose tokens to keep so that both layer groups drop below (1 - free) capacity
-        and the next step (`new_*` tokens) fits."""
+        and the next step (`new_*` tokens) fits. The turn group `protect` (the one being
+        decoded: an answer must keep its question) is dropped only if nothing else is left."""
         target_dense = min(int(cap_dense * (1 - policy.free_fraction)), cap_dense - new_dense)
         target_mod = min(int(cap_mod * (1 - policy.free_fraction)), cap_mod - new_mod)
         kinds, groups, vision = self.kinds, self.groups, self.vision
         keep = np.ones(self.n, bool)
-        # Oldest narration turns beyond the text budget go first. The newest turn stays (it
-        # may be the one being decoded: an answer must keep its question) unless, below,
-        # nothing else is left to drop.
+        # Oldest narration turns beyond the text budget go first.
         turn_groups = _ordered_unique(groups[kinds == TURN])
+        protected = protect is not None and bool((turn_groups == protect).any())
+        if protected:  # last in line in both passes, and never dropped in the first
+            turn_groups = np.append(turn_groups[turn_groups != protect], protect)
         turn_tokens = int((kinds == TURN).sum())
-        for g in turn_groups[:-1]:
+        for g in turn_groups[:-1] if protected else turn_groups:
             if turn_tokens <= policy.keep_text_tokens:
                 break
             sel = groups == g

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from onsight.runtime.kv_cache import KVCache, KVLayout
-from onsight.runtime.kv_policy import FRAME, EvictionPolicy
+from onsight.runtime.kv_policy import FRAME, TURN, EvictionPolicy
 
 # (logits (vocab,), new keys per layer, new values per layer[, kept indices per routed layer])
 TextOut = tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]
@@ -50,16 +50,19 @@ class CachedStepper:
     ) -> FrameOut:
         raise NotImplementedError
 
-    def ensure_room(self, new_dense: int, new_mod: int) -> None:
+    def ensure_room(self, new_dense: int, new_mod: int, protect: int | None = None) -> None:
         """Evict if the next step would overflow (device steppers stage the cache first)."""
-        self.cache.ensure_room(new_dense, new_mod, self.inv_freq)
+        self.cache.ensure_room(new_dense, new_mod, self.inv_freq, protect)
 
     def write(self, i: int, k, v, positions: np.ndarray) -> None:
         """Append a step's new K/V of layer i to the cache (device steppers copy on the GPU)."""
         self.cache.write(i, k, v, positions)
 
     def text(self, ids: list[int], kind: int, group: int) -> np.ndarray:
-        self.ensure_room(len(ids), len(ids))
+        table = self.cache.table
+        decoding = kind == TURN and table.n > 0 and table.groups[-1] == group
+        # a turn being decoded keeps its own tokens (its question) through an eviction
+        self.ensure_room(len(ids), len(ids), group if decoding else None)
         pos = self.cache.table.append(len(ids), kind, group)
         logits, nk, nv = self.run_text(np.asarray(ids, np.int64), pos)
         for i in range(self.layout.num_layers):

@@ -221,7 +221,7 @@ class DeviceStepper(CachedStepper):
         )
         self._mod_mask = c.masks[mod] if mod is not None else np.zeros(lay.capacity_mod, bool)
 
-    def ensure_room(self, new_dense: int, new_mod: int) -> None:
+    def ensure_room(self, new_dense: int, new_mod: int, protect: int | None = None) -> None:
         c = self.cache
         if not c.needs_room(new_dense, new_mod):
             return
@@ -229,7 +229,7 @@ class DeviceStepper(CachedStepper):
         for i in range(self.layout.num_layers):  # device -> host staging, rebase, back
             c.k[i][...] = self.k[i].download(s)
             c.v[i][...] = self.v[i].download(s)
-        c.ensure_room(new_dense, new_mod, self.inv_freq)
+        c.ensure_room(new_dense, new_mod, self.inv_freq, protect)
         for i in range(self.layout.num_layers):
             self.k[i].upload(c.k[i], s)
             self.v[i].upload(c.v[i], s)

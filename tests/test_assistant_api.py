@@ -120,8 +120,12 @@ def test_a_long_answer_turn_is_not_evicted_from_under_itself():
         table.append(10, 1, table.new_group(), vision=True)
     turn = table.new_group()
     table.append(30, TURN, turn)  # longer than the text budget below
-    plan = table.plan(EvictionPolicy(keep_text_tokens=8), 60, 60, routed=False, new_dense=1)
+    policy = EvictionPolicy(keep_text_tokens=8)
+    plan = table.plan(policy, 60, 60, routed=False, new_dense=1, protect=turn)
     assert plan.keep[table.groups == turn].all()
+    # a finished turn is not protected: the budget drops it before the frames
+    plan = table.plan(policy, 60, 60, routed=False, new_dense=1)
+    assert not plan.keep[table.groups == turn].any() and plan.keep[table.vision].sum() > 0
 
 
 def test_answer_now_answers_from_what_was_seen_without_a_frame(demo):
@@ -213,30 +217,52 @@ def test_close_from_inside_a_call_on_the_same_thread_does_not_hang():
         a.ask("hi")
 
 
-def test_close_ends_a_narrate_blocked_on_a_stalled_source():
-    from onsight.runtime.capture.sources import Source, SourceKind
-
-    class Stalled(Source):
-        def __init__(self):
-            super().__init__("stalled", SourceKind.URL)
-            self.closed = threading.Event()
-
-        def __iter__(self):
-            self.closed.wait(60)  # a stream that never sends a frame until closed
-            return iter(())
-
-        def close(self):
-            self.closed.set()
-
+def test_close_from_inside_reset_on_the_same_thread_releases_after_it():
     a = Assistant(DEMO)
-    out: list = []
-    t = threading.Thread(target=lambda: out.extend(a.narrate(Stalled())), daemon=True)
-    t.start()
-    time.sleep(0.5)
-    a.close()
-    t.join(15)
-    assert not t.is_alive(), "narrate() kept waiting on its source after close()"
-    assert not any(isinstance(e, StatsEvent) for e in out)
+    a.push(FRAME, 0.0)
+    inner = a._stepper.inner
+    real_reset = inner.reset
+
+    def reset_then_close():
+        real_reset()
+        a.close()  # a signal handler landing inside reset()
+
+    inner.reset = reset_then_close
+    a.reset()  # finishes with the sessions it started with
+    assert a._released
+    with pytest.raises(OnsightError, match="closed"):
+        a.stats()
+
+
+def test_one_assistant_narrates_one_stream_at_a_time(tmp_path):
+    import cv2
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((32, 32, 3), i * 50, np.uint8))
+    with Assistant(DEMO, AssistantConfig(realtime=False)) as a:
+        first = a.narrate(str(folder))
+        next(first)  # running
+        with pytest.raises(OnsightError, match="already narrating.*another Assistant"):
+            next(a.narrate(str(folder)))
+        rest = list(first)
+    assert any(isinstance(e, StatsEvent) for e in rest)
+
+
+def test_pushes_from_several_threads_without_timestamps_stay_in_order(demo):
+    warned: list = []
+
+    def pusher():
+        for _ in range(25):
+            warned.extend(e for e in demo.push(FRAME) if isinstance(e, WarningEvent))
+
+    threads = [threading.Thread(target=pusher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert demo.stats().frames_processed == 100 and not warned
 
 
 def test_ask_does_not_wait_for_the_frame_being_processed():
