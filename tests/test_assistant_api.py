@@ -234,13 +234,19 @@ def test_close_from_inside_reset_on_the_same_thread_releases_after_it():
         a.stats()
 
 
-def test_one_assistant_narrates_one_stream_at_a_time(tmp_path):
+def _image_folder(tmp_path: Path, n: int) -> Path:
+    """A folder of n small PNG frames of rising brightness (an image-folder source)."""
     import cv2
 
     folder = tmp_path / "frames"
     folder.mkdir()
-    for i in range(4):
-        cv2.imwrite(str(folder / f"{i}.png"), np.full((32, 32, 3), i * 50, np.uint8))
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((32, 32, 3), i * 40, np.uint8))
+    return folder
+
+
+def test_one_assistant_narrates_one_stream_at_a_time(tmp_path):
+    folder = _image_folder(tmp_path, 4)
     with Assistant(DEMO, AssistantConfig(realtime=False)) as a:
         first = a.narrate(str(folder))
         next(first)  # running
@@ -294,12 +300,7 @@ def test_ask_does_not_wait_for_the_frame_being_processed():
 def test_narrate_ends_with_one_stats_event_and_refuses_zero_frames(tmp_path):
     from onsight.runtime.capture import open_source
 
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    import cv2
-
-    for i in range(6):
-        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((32, 32, 3), i * 40, np.uint8))
+    folder = _image_folder(tmp_path, 6)
     with Assistant(DEMO, AssistantConfig(stats_every=3, realtime=False)) as a:
         with pytest.raises(OnsightError, match="max_frames"):
             next(a.narrate(str(folder), max_frames=0))
