@@ -173,6 +173,14 @@ class Assistant:
         )
         self._max_new_tokens = self._loop.max_new_tokens
         self._max_question = question_budget(self.bundle, self._loop.t, self._max_new_tokens)
+        if self._max_question < 16:
+            log.warning(
+                "with answers of up to %d tokens, this bundle's KV cache leaves room for "
+                "questions of only %d tokens; lower max_new_tokens (--max-new-tokens) or "
+                "re-export with a larger --kv-capacity",
+                self._max_new_tokens,
+                self._max_question,
+            )
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for work in flight
         self._inflight: Counter[int] = Counter()  # thread id -> calls in flight on it

@@ -142,6 +142,15 @@ def test_answer_now_answers_from_what_was_seen_without_a_frame(demo):
     assert demo.stats().frames_processed == 7
 
 
+def test_answers_too_long_for_any_question_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="onsight.runtime.assistant"):
+        with Assistant(DEMO, AssistantConfig(max_new_tokens=120)) as a:
+            assert a.max_question_tokens() == 0
+    assert "room for questions of only 0 tokens" in caplog.text
+    with pytest.raises(OnsightError, match="lower --max-new-tokens"):
+        Assistant(DEMO, AssistantConfig(max_new_tokens=120)).ask("hi")
+
+
 def test_reset_keeps_questions_already_asked(demo):
     demo.push(FRAME, 0.0)
     demo.ask("how many objects are there?")
