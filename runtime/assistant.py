@@ -533,13 +533,15 @@ class Assistant:
     def close(self) -> None:
         """Free the sessions and the KV cache; safe from any thread. Calls in flight on other
         threads finish first (a frame still being encoded is refused with OnsightError); a
-        `narrate()` running elsewhere ends at its source's next frame or event (its own
-        thread closes the source); later calls raise OnsightError. From inside a call on
+        `narrate()` running elsewhere ends (its source is interrupted, and its own thread
+        closes it); later calls raise OnsightError. From inside a call on
         this thread (a signal handler), the release happens when that call returns."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            for src in self._sources:  # a narrate() waiting on a stalled stream ends now
+                src.interrupt()  # thread-safe; the narrating thread closes it
             me = threading.get_ident()
             while any(t != me for t in self._inflight):
                 self._idle.wait()

@@ -254,6 +254,40 @@ def _image_folder(tmp_path: Path, n: int) -> Path:
     return folder
 
 
+def test_close_ends_a_narrate_waiting_on_a_stalled_live_source():
+    from onsight.runtime.capture.live import LiveSource
+    from onsight.runtime.capture.sources import SourceKind
+
+    class Stalled:  # a camera that opened and then never delivers a frame
+        def grab(self):
+            time.sleep(30)
+
+        def retrieve(self):
+            return FRAME
+
+        def describe(self):
+            return "stalled"
+
+        def release(self):
+            pass
+
+    # its close() waits up to close_timeout_s for the stuck read, then leaves the thread
+    src = LiveSource(
+        "stalled", SourceKind.CAMERA, Stalled(), fps=None, reopen=None, close_timeout_s=1.0
+    )
+    a = Assistant(DEMO)
+    out: list = []
+    t = threading.Thread(target=lambda: out.extend(a.narrate(src)), daemon=True)
+    t.start()
+    time.sleep(0.5)
+    started = time.perf_counter()
+    a.close()
+    t.join(10)
+    assert not t.is_alive(), "narrate() kept waiting on its source after close()"
+    assert time.perf_counter() - started < 5
+    assert not any(isinstance(e, StatsEvent) for e in out)
+
+
 def test_one_assistant_narrates_one_stream_at_a_time(tmp_path):
     folder = _image_folder(tmp_path, 4)
     with Assistant(DEMO, AssistantConfig(realtime=False)) as a:

@@ -86,5 +86,9 @@ class TappedSource(Source):
         self._closed.set()
         self.inner.close()
 
+    def interrupt(self) -> None:
+        self._closed.set()
+        self.inner.interrupt()
+
     def stats(self):  # the Assistant reads capture counters through us
         return self.inner.stats()

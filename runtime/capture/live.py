@@ -81,11 +81,16 @@ class LiveSource(Source):
                     self._counters.delivered += 1
             yield item
 
-    def close(self) -> None:
-        """Stop capturing; waits for the thread to release the device (bounded)."""
+    def interrupt(self) -> None:
+        """End the iteration and the capture thread soon, from any thread; the capture
+        thread releases the device itself (no join here)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop capturing; waits for the thread to release the device (bounded)."""
+        self.interrupt()
         if self._thread is not threading.current_thread():
             self._thread.join(self._close_timeout_s)
             if self._thread.is_alive():

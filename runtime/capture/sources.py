@@ -294,6 +294,10 @@ class Source(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def interrupt(self) -> None:  # noqa: B027 - a hook, empty by default on purpose
+        """Ask the iteration to end soon; safe from any thread, releases nothing (the
+        iterating side's close() does). Finite sources end by themselves: nothing to do."""
+
     def frames(self) -> Iterator[Frame]:
         """Only the frames (events are logged instead)."""
         for item in self:
