@@ -184,7 +184,7 @@ class Assistant:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for work in flight
         self._inflight: Counter[int] = Counter()  # thread id -> calls in flight on it
-        self._sources: set = set()  # what narrate() is reading, closed by close()
+        self._narrating: tuple | None = None  # (source, pipeline) of the running narrate()
         self._closed = False
         self._released = False
         self._last_timestamp: float | None = None
@@ -334,7 +334,7 @@ class Assistant:
         done = 0
         last_stats: StatsEvent | None = None
         with self._lock:
-            if self._closed or self._sources:
+            if self._closed or self._narrating:
                 src.close()
                 self._check_open()
                 raise OnsightError(
@@ -342,7 +342,7 @@ class Assistant:
                     "stream (its KV cache is that stream's memory); create another Assistant "
                     "for a second source"
                 )
-            self._sources.add(src)
+            self._narrating = (src, pipe)
         try:
             waited = time.perf_counter()
             for item in pipe.run(src):
@@ -369,7 +369,7 @@ class Assistant:
                 waited = time.perf_counter()
         finally:
             with self._lock:
-                self._sources.discard(src)
+                self._narrating = None
             pipe.close()
             st = src.stats()  # what the source read in the end, not at the last frame
             self._captured, self._dropped = st.frames_captured, st.frames_dropped
@@ -540,13 +540,18 @@ class Assistant:
             if self._closed:
                 return
             self._closed = True
-            for src in self._sources:  # a narrate() waiting on a stalled stream ends now
-                src.interrupt()  # thread-safe; the narrating thread closes it
+            narrating = self._narrating
+            if narrating is not None:  # a narrate() waiting on a stalled stream ends now
+                narrating[0].interrupt()  # thread-safe; the narrating thread closes it
             me = threading.get_ident()
             while any(t != me for t in self._inflight):
                 self._idle.wait()
-            if not self._inflight:
+            inside = me in self._inflight
+            if not inside:
                 self._release()
+        if narrating is not None and not inside:
+            # its stage threads, also when its generator is left suspended by the caller
+            narrating[1].close(timeout_s=2.0)
 
     def _release(self) -> None:
         if self._released:

@@ -250,7 +250,7 @@ def _image_folder(tmp_path: Path, n: int) -> Path:
     folder = tmp_path / "frames"
     folder.mkdir()
     for i in range(n):
-        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((32, 32, 3), i * 40, np.uint8))
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((32, 32, 3), i * 40 % 256, np.uint8))
     return folder
 
 
@@ -286,6 +286,23 @@ def test_close_ends_a_narrate_waiting_on_a_stalled_live_source():
     assert not t.is_alive(), "narrate() kept waiting on its source after close()"
     assert time.perf_counter() - started < 5
     assert not any(isinstance(e, StatsEvent) for e in out)
+
+
+def test_close_stops_the_threads_of_a_narrate_left_suspended(tmp_path):
+    folder = _image_folder(tmp_path, 12)
+    a = Assistant(DEMO, AssistantConfig(realtime=False))
+    events = a.narrate(str(folder))
+    next(events)  # the caller keeps the generator and walks away
+    a.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _pipeline_threads():
+        time.sleep(0.05)
+    assert not _pipeline_threads()
+    events.close()
+
+
+def _pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("pipeline")]
 
 
 def test_one_assistant_narrates_one_stream_at_a_time(tmp_path):

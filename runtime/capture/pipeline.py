@@ -172,7 +172,7 @@ class Pipeline:
     def _collect(self, outbox: queue.Queue[Any]) -> Iterator[Any]:
         try:
             while True:
-                item = outbox.get()
+                item = self._get(outbox)  # _END too once close() ran on another thread
                 if item is _END:
                     return
                 if isinstance(item, _Error):
