@@ -22,7 +22,7 @@ import numpy as np
 from onsight.runtime.assistant_config import AssistantConfig
 from onsight.runtime.backends import make_backend
 from onsight.runtime.bundle import load_bundle
-from onsight.runtime.errors import OnsightError
+from onsight.runtime.errors import BundleError, OnsightError
 from onsight.runtime.events import (
     AnswerEvent,
     Event,
@@ -65,8 +65,6 @@ def question_budget(bundle, t: TemplateIds, max_new_tokens: int) -> int:
 class _Tokens:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
-
-        from onsight.runtime.errors import BundleError
 
         try:
             self.tok = Tokenizer.from_file(str(path))

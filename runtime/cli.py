@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ def _number(kind: type, low: float, inclusive: bool = True, what: str = "") -> C
             noun = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         ok = x >= low if inclusive else x > low
-        if not ok or x != x or x in (float("inf"), float("-inf")):
+        if not ok or not math.isfinite(x):
             raise argparse.ArgumentTypeError(
                 f"{text}: give {what or ('>= ' if inclusive else '> ') + str(low)}"
             )
@@ -48,12 +49,12 @@ def _number(kind: type, low: float, inclusive: bool = True, what: str = "") -> C
 
 
 POSITIVE_INT = _number(int, 1, what="a whole number >= 1")
+POSITIVE = _number(float, 0, inclusive=False, what="a number > 0")
+NON_NEGATIVE = _number(float, 0, what="a number >= 0")
 SOURCE_HELP = (
     "camera index or /dev/videoN, video file, RTSP/HTTP/UDP URL, GStreamer pipeline, "
     "image folder, or demo (the synthetic demo video)"
 )
-POSITIVE = _number(float, 0, inclusive=False, what="a number > 0")
-NON_NEGATIVE = _number(float, 0, what="a number >= 0")
 
 
 # ---- export / info / build ----

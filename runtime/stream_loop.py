@@ -135,19 +135,27 @@ class StreamLoop:
         speak, p_interval = decide(logits, self.t.interval_id, self.threshold)
         out = FrameOutcome(speak=speak, p_interval=p_interval)
         tail: list[int] = []
-        closed = False
         if speak:
             out.narration, tail = self.generate(list(self.t.stream_close + self.t.assistant_prefix))
-            closed = True
+        out.answers, tail = self._answer_questions(tail, closed=speak)
+        closed = speak or bool(out.answers)
+        self._pending = tail + list(self.t.stream_open) if closed else [self.t.interval_id]
+        return out
+
+    def _answer_questions(
+        self, tail: list[int], closed: bool
+    ) -> tuple[list[tuple[str, list[int]]], list[int]]:
+        """Answer every queued question in turn. `tail`: tokens a finished turn left to
+        feed; `closed`: whether the frame stream was already closed by a turn."""
+        answers: list[tuple[str, list[int]]] = []
         while self.questions:
             q = self.questions.popleft()
             prefix = tail + ([] if closed else list(self.t.stream_close))
             prefix += list(self.t.user_prefix) + self.encode(q) + list(self.t.assistant_prefix)
             answer, tail = self.generate(prefix)
-            out.answers.append((q, answer))
+            answers.append((q, answer))
             closed = True
-        self._pending = tail + list(self.t.stream_open) if closed else [self.t.interval_id]
-        return out
+        return answers, tail
 
     def answer_pending(self) -> list[tuple[str, list[int]]]:
         """Answer the queued questions now, between frames (after a file ended, say), with
@@ -157,15 +165,7 @@ class StreamLoop:
         t = self.t
         silent = self._pending == [t.interval_id]  # the stream is open: close it first
         tail = [] if silent else self._pending[: len(self._pending) - len(t.stream_open)]
-        closed = not silent
-        answers: list[tuple[str, list[int]]] = []
-        while self.questions:
-            q = self.questions.popleft()
-            prefix = tail + ([] if closed else list(t.stream_close))
-            prefix += list(t.user_prefix) + self.encode(q) + list(t.assistant_prefix)
-            answer, tail = self.generate(prefix)
-            answers.append((q, answer))
-            closed = True
+        answers, tail = self._answer_questions(tail, closed=not silent)
         self._pending = tail + list(t.stream_open)
         return answers
 
