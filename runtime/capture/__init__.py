@@ -1,7 +1,9 @@
 """Capture layer: video sources, live threading and reconnection, parallel decoding, and a
 generic overlapped stage pipeline. Torch-free (numpy + OpenCV)."""
 
+from ..errors import SourceSpecError
 from .live import LiveSource
+from .opening import classify_spec, gstreamer_available, open_source
 from .parallel import ParallelFileSource, Segment, decode_file_parallel
 from .pipeline import SKIP, Pipeline, Stage, StageStats
 from .sources import (
@@ -12,11 +14,7 @@ from .sources import (
     SequentialSource,
     Source,
     SourceKind,
-    SourceSpecError,
-    classify_spec,
     crosses_grid,
-    gstreamer_available,
-    open_source,
 )
 
 __all__ = [

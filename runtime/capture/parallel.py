@@ -23,6 +23,7 @@ import numpy as np
 
 from ..events import SourceEvent
 from ..frames import Frame
+from .opening import open_file_capture, run_ffprobe
 from .sources import (
     CaptureOptions,
     CvBackend,
@@ -30,8 +31,6 @@ from .sources import (
     SourceKind,
     crosses_grid,
     finite_frame_count,
-    open_file_capture,
-    run_ffprobe,
 )
 
 log = logging.getLogger(__name__)
