@@ -521,6 +521,8 @@ def test_long_run_scores_the_last_window_against_a_fresh_start():
         (["--twin", "t"], "--twin only applies with --ablations"),
         (["--ablations", "--qdq"], "leave it out with --ablations"),
         (["--ablations", "--twin", "no-such-dir"], "not a native checkpoint"),
+        (["--mover-questions", "1.5"], "a chance from 0 to 1"),
+        (["--ablations", "--mover-questions", "0.3"], "probes one bundle"),
     ],
 )
 def test_eval_refuses_bad_flags_saying_what_to_do(argv, said, capsys):
@@ -547,6 +549,23 @@ def test_eval_refuses_an_unwritable_out_before_narrating(tmp_path, capsys, monke
             ev.main(["--out", str(out), "--streams", "1"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"--out {out}: {said}" in err and "choose another" in err
+
+
+def test_eval_mover_questions_probe_finding_the_mover_from_text():
+    """--mover-questions adds "what colour/shape is the moving object?" to the same streams
+    (same frames and events) and reports their accuracy by kind."""
+    if not (SHIPPED / "bundle.json").is_file():
+        pytest.skip(f"{SHIPPED} is missing")
+    from onsight.exporter.demo.evaluate import evaluate, held_out_streams
+
+    plain, probed = (
+        held_out_streams(2, frames=40),
+        held_out_streams(2, frames=40, mover_questions=1),
+    )
+    assert all(a.events == b.events for a, b in zip(plain, probed, strict=True))
+    report = evaluate(SHIPPED, streams=2, frames=40, mover_questions=1.0)
+    assert report["mover_questions"] == 1.0
+    assert {"mover_colour", "mover_shape"} & set(report["question_accuracy_by_kind"])
 
 
 def test_eval_shows_progress_per_stream_on_stderr(tmp_path, capsys):

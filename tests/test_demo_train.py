@@ -320,6 +320,26 @@ def test_keep_ratio_anneal_lowers_k_then_ships_the_configured_ratio(tmp_path):
         main(["--out", str(tmp_path / "c"), "--steps", "4", "--anneal-keep-ratio", "5"])
 
 
+def test_mover_questions_reach_the_training_batches(tmp_path):
+    """--mover-questions P: the run's config keeps P, and its batches carry "what colour /
+    shape is the moving object?" turns; out-of-range P is refused before any work."""
+    import json
+
+    from onsight.exporter.demo.data import stage_config
+    from onsight.exporter.demo.train_args import config_from_args, parse_args
+    from onsight.runtime.synthetic import generate_stream
+
+    args = parse_args(["--out", str(tmp_path / "r"), "--mover-questions", "0.5"])
+    cfg = config_from_args(args)
+    assert cfg.mover_questions == 0.5
+    assert TrainConfig.from_json(json.dumps(dataclasses.asdict(cfg))).mover_questions == 0.5
+    world = stage_config(2, 0.15, cfg.mover_questions)
+    asked = [q.text for seed in range(6) for q in generate_stream(seed, 24, world).questions]
+    assert "what colour is the moving object?" in asked
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "r"), "--mover-questions", "2"])
+
+
 def test_warm_start_with_other_routed_layers(tmp_path):
     """--mod-layers interleaved-even from a run that routed 1, 3 (e.g. the twin's weights):
     everything but the routers carries over; the routers of layers 0 and 2 start fresh."""

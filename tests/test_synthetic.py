@@ -29,7 +29,12 @@ from onsight.runtime.synthetic import (
     vocabulary,
     wrong_details,
 )
-from onsight.runtime.synthetic.grammar import all_narrations, all_questions, answers_for
+from onsight.runtime.synthetic.grammar import (
+    MOVER_KINDS,
+    all_narrations,
+    all_questions,
+    answers_for,
+)
 from onsight.runtime.synthetic.world import PALETTE
 
 SEEDS = (0, 1, 2, 3)
@@ -190,6 +195,8 @@ def test_config_is_validated() -> None:
         WorldConfig(event_kinds=("enter", "dim"))  # motion that could never end in an event
     with pytest.raises(ValueError):
         WorldConfig(event_kinds=("explode",))
+    with pytest.raises(ValueError, match="mover_questions"):
+        WorldConfig(mover_questions=1.5)
 
 
 def test_generation_speed() -> None:
@@ -234,7 +241,7 @@ def test_vocabulary_covers_the_world(streams: list[Stream]) -> None:
 
 def test_questions_are_answerable(streams: list[Stream]) -> None:
     questions = [q for s in streams for q in s.questions]
-    assert {q.kind for q in questions} == set(QuestionKind)
+    assert {q.kind for q in questions} == set(QuestionKind) - set(MOVER_KINDS)
     known = set(all_questions())
     for s in streams:
         for q in s.questions:
@@ -248,6 +255,25 @@ def test_questions_are_answerable(streams: list[Stream]) -> None:
                 assert q.answer == obj.colour
             if q.kind is QuestionKind.DARK:
                 assert q.answer == ("yes" if state.dark else "no")
+
+
+def test_mover_questions_name_the_one_moving_object() -> None:
+    """With mover_questions, frames where exactly one object moves ask for its colour and
+    shape; the frames, events and the default world's questions stay as they were."""
+    plain = generate_stream(7, 240)
+    world = replace(WorldConfig(), mover_questions=1.0)
+    probed = generate_stream(7, 240, world)
+    assert np.array_equal(plain.frames, probed.frames) and plain.events == probed.events
+    assert not any(q.kind in MOVER_KINDS for q in plain.questions)
+    asked = [q for q in probed.questions if q.kind in MOVER_KINDS]
+    movers = [st for st in probed.states if sum(o.moving for o in st.objects) == 1]
+    assert len(asked) == len(movers) > 10  # at chance 1, every such frame asks one
+    for q in asked:
+        (mover,) = [o for o in probed.states[q.frame_index].objects if o.moving]
+        assert q.object_id == mover.object_id and q.answer in answers_for(q.kind)
+        assert q.answer == (mover.colour if q.kind is QuestionKind.MOVER_COLOUR else mover.shape)
+        assert q.text == f"what {q.kind.value.split('_')[1]} is the moving object?"
+    assert set(q.text for q in asked).isdisjoint(all_questions())  # not in the tokenizer corpus
 
 
 # ---- metrics ----

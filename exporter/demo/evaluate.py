@@ -14,6 +14,7 @@ teacher-forced.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -207,10 +208,16 @@ def pool_recall_by_objects(
 
 
 def held_out_streams(
-    streams: int = 20, seed_start: int = HELD_OUT_SEED, frames: int = 60, stage: int = 2
+    streams: int = 20,
+    seed_start: int = HELD_OUT_SEED,
+    frames: int = 60,
+    stage: int = 2,
+    mover_questions: float = 0.0,
 ) -> list[Stream]:
-    """The evaluation streams: world seeds from `seed_start`, which training never draws."""
-    world: WorldConfig = curriculum(stage)
+    """The evaluation streams: world seeds from `seed_start`, which training never draws.
+    `mover_questions` adds "what colour/shape is the moving object?" questions (a probe of
+    finding the mover from text); frames and events do not change with it."""
+    world: WorldConfig = dataclasses.replace(curriculum(stage), mover_questions=mover_questions)
     return [generate_stream(seed_start + i, frames, world) for i in range(streams)]
 
 
@@ -262,11 +269,12 @@ def evaluate(
     threshold: float | None = None,
     qdq: bool = False,
     on_stream: Callable[[], None] | None = None,
+    mover_questions: float = 0.0,
 ) -> dict[str, object]:
     """Narrate held-out streams through the bundle and score them; `on_stream` is called
     after each stream is narrated."""
     narrator = BundleNarrator(engine, threads, threshold, qdq)
-    data = held_out_streams(streams, seed_start, frames, stage)
+    data = held_out_streams(streams, seed_start, frames, stage, mover_questions)
     scores, results = score_narrator(narrator, data, window_s, on_stream)
     report: dict[str, object] = {
         "engine": str(engine),
@@ -275,6 +283,7 @@ def evaluate(
         "frames": frames,
         "window_s": window_s,
         "world_stage": stage,
+        "mover_questions": mover_questions,
         **scores,
         **teacher_forced_report(checkpoint, data, narrator.threshold),
         "examples": [
@@ -349,6 +358,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument(
+        "--mover-questions",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help='also ask "what colour/shape is the moving object?" at this chance on frames '
+        "where exactly one object moves (question accuracy by kind reports them; frames and "
+        "events stay the same, but the extra questions sit in the model's context, so compare "
+        "narration scores only between runs with the same P)",
+    )
+    p.add_argument(
         "--qdq",
         action="store_true",
         help="score the bundle's calibrated Q/DQ graphs (TensorRT int8, from `onsight build "
@@ -391,6 +410,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         )
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         return f"--threshold {args.threshold}: a speak probability strictly between 0 and 1"
+    if not 0.0 <= args.mover_questions <= 1.0:
+        return f"--mover-questions {args.mover_questions}: a chance from 0 to 1 (e.g. 0.3)"
     if args.out is not None:
         problem = _out_problem(Path(args.out))
         if problem:
@@ -402,6 +423,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return None
     if args.qdq:
         return "--qdq scores one bundle; leave it out with --ablations (variants export fp32)"
+    if args.mover_questions:
+        return "--mover-questions probes one bundle; leave it out with --ablations"
     if args.twin is not None:
         from onsight.exporter.demo.train import is_native_dir
 
@@ -480,6 +503,7 @@ def main(argv: list[str]) -> int:
             args.threshold,
             args.qdq,
             on_stream=bar.update,
+            mover_questions=args.mover_questions,
         )
     print(markdown(report))
     if args.out:

@@ -135,6 +135,7 @@ def make_source(tokenizer_json: str, tcfg: TrainConfig, tokens_per_frame: int) -
         batch_size=tcfg.batch_size,
         num_frames=tcfg.num_frames,
         question_prob=tcfg.question_prob,
+        mover_questions=tcfg.mover_questions,
         seed=tcfg.seed,
         delay=tcfg.delay,
     )

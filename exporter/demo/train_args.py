@@ -94,6 +94,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "recolour, dim, brighten, cut) or 'all' (default: move)",
     )
     p.add_argument(
+        "--mover-questions",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help='chance that a training frame in which exactly one object moves asks "what '
+        "colour/shape is the moving object?\": practice at finding the mover's token from "
+        "text, which naming a move needs (0: off, the shipped recipe)",
+    )
+    p.add_argument(
         "--anneal-keep-ratio",
         type=int,
         default=0,
@@ -194,6 +203,10 @@ def _check_numbers(args: argparse.Namespace) -> str | None:
         return f"--frames {args.frames}: a training stream needs at least 2 frames (default 24)"
     if not args.lr > 0:
         return f"--lr {args.lr}: the learning rate must be positive (e.g. 1e-3)"
+    if not 0.0 <= args.mover_questions <= 1.0:
+        return (
+            f"--mover-questions {args.mover_questions}: give a probability from 0 to 1 (e.g. 0.3)"
+        )
     for flag in ("speak_weight", "aux_weight", "router_weight", "distill_weight", "name_weight"):
         if getattr(args, flag) < 0:
             return f"--{flag.replace('_', '-')} {getattr(args, flag)}: a loss weight is 0 or more"
@@ -253,6 +266,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pooled_last=args.pooled_last,
         change_layer=args.change_layer,
         name_weight=args.name_weight,
+        mover_questions=args.mover_questions,
         narration_delay=delay.frames,
         delay_kinds=",".join(delay.kinds),
     )

@@ -29,6 +29,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     speak_weight: float = 3.0  # stream-loss weight of speak frames (~1 in 5 frames speaks)
     question_prob: float = 0.15  # chance a training frame carries a question
+    # chance a training frame in which exactly one object moves asks "what colour/shape is the
+    # moving object?" (WorldConfig.mover_questions)
+    mover_questions: float = 0.0
     stage_fractions: tuple[float, float] = (0.1, 0.3)  # curriculum 0 -> 1 -> 2 boundaries
     keep_ratio: float = 0.2  # MoD keep ratio (1.0: the full-compute twin)
     aux_weight: float = 0.5  # weight of the per-frame scene loss (0: VideoLLM-online's alone)

@@ -66,3 +66,19 @@ def questions_for_state(state: FrameState, config: WorldConfig = WorldConfig()) 
         if col is not None and row is not None:
             add(QuestionKind.WHERE, POSITIONS[row * 3 + col], o, **names)
     return out
+
+
+def mover_questions(state: FrameState) -> list[Question]:
+    """ "What colour / shape is the moving object?" when exactly one object in view moves
+    (an object partly off screen still has both); none otherwise."""
+    movers = [o for o in state.objects if o.moving]
+    if len(movers) != 1:
+        return []
+    o = movers[0]
+    return [
+        Question(state.index, state.time_s, kind, question_text(kind), answer, o.object_id)
+        for kind, answer in (
+            (QuestionKind.MOVER_COLOUR, o.colour),
+            (QuestionKind.MOVER_SHAPE, o.shape),
+        )
+    ]

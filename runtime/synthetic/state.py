@@ -37,6 +37,9 @@ class WorldConfig:
     noise_prob: float = 0.3  # chance a scene has sensor noise
     noise_sigma: float = 6.0  # std-dev of the per-frame Gaussian sensor noise (0-255 scale)
     question_prob: float = 0.1  # chance a frame carries a question (when one is well defined)
+    # chance a frame in which exactly one object moves carries "what colour/shape is the
+    # moving object?" (instead of a question_prob draw); 0: never, the default world's draws
+    mover_questions: float = 0.0
 
     def __post_init__(self) -> None:
         kinds = {EventKind(k) for k in self.event_kinds}  # ValueError on unknown names
@@ -54,6 +57,8 @@ class WorldConfig:
         if not 0 < self.speed_px[0] <= self.speed_px[1] < self.small_px:
             # Faster than its own size, an object could leave in the frame it starts moving.
             problems.append("speed_px must be (low, high) with 0 < low <= high < small_px")
+        if not 0.0 <= self.mover_questions <= 1.0:
+            problems.append("mover_questions must be a probability in [0, 1]")
         if self.min_event_gap < 1:
             problems.append("min_event_gap must be >= 1")
         if kinds & {EventKind.ENTER, EventKind.MOVE} and not kinds & {

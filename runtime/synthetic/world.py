@@ -26,7 +26,7 @@ from .grammar import (
     QuestionKind,
     narrate,
 )
-from .questions import questions_for_state
+from .questions import mover_questions, questions_for_state
 from .render import PALETTE, Renderer
 from .state import (
     BACKGROUNDS,
@@ -446,6 +446,10 @@ class _World:
 
     def _ask(self, state: FrameState) -> tuple[Question, ...]:
         rng = self.question_rng
+        if self.cfg.mover_questions > 0:  # off in the default world, whose draws stay as they were
+            movers = mover_questions(state)
+            if movers and rng.random() < self.cfg.mover_questions:
+                return (movers[int(rng.integers(len(movers)))],)
         if rng.random() >= self.cfg.question_prob:
             return ()
         candidates = questions_for_state(state, self.cfg)
