@@ -75,7 +75,51 @@ def save_llm(
     return out_dir
 
 
-def save_full_siglip(out_dir: Path, hidden: int = 48, image_size: int = 32, seed: int = 3) -> Path:
+def save_llm_as_released(
+    out_dir: Path,
+    vocab: int,
+    tokenizer_json: Path,
+    arch: str = "LlamaForCausalLM",
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    random_biases: bool = False,
+    bos: str | None = BOS,
+    seed: int = 0,
+    **config: object,
+) -> Path:
+    """An HF LLM dir as real ones are released: any supported architecture with its own config
+    class, extra config keys as given (rope_scaling, sliding_window, tie_word_embeddings),
+    weights stored in `dtype` (bf16 like Llama-3), sharded with model.safetensors.index.json
+    when `max_shard_size` is given, and the tokenizer files."""
+    import transformers
+
+    from onsight.exporter.decoder import arch_spec
+
+    cfg = {**llama_config(vocab, arch), **config}
+    cfg.pop("model_type")
+    spec = arch_spec(arch)
+    torch.manual_seed(seed)
+    config_obj = getattr(transformers, spec.config_class)(**cfg)
+    model = getattr(transformers, spec.model_class)(config_obj)
+    if random_biases:  # transformers starts biases at zero, where a dropped one would not show
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0.0, 0.5)
+    model.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_size or "5GB")
+    save_tokenizer_files(out_dir, tokenizer_json, bos=bos)
+    return out_dir
+
+
+def save_full_siglip(
+    out_dir: Path,
+    hidden: int = 48,
+    image_size: int = 32,
+    seed: int = 3,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+) -> Path:
     """A whole SiglipModel (text + vision), as google/siglip-large-patch16-384 is released."""
     from transformers import SiglipConfig, SiglipModel
 
@@ -96,7 +140,68 @@ def save_full_siglip(out_dir: Path, hidden: int = 48, image_size: int = 32, seed
         num_attention_heads=2,
         max_position_embeddings=16,
     )
-    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out_dir)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).to(dtype)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size or "5GB")
+    return out_dir
+
+
+# Some of the legacy keys older transformers wrote into every nested config of the
+# openai/clip-vit-* releases (each PretrainedConfig attribute, nulls included).
+_LEGACY_CONFIG_KEYS = dict(
+    _name_or_path="",
+    add_cross_attention=False,
+    architectures=None,
+    bad_words_ids=None,
+    chunk_size_feed_forward=0,
+    diversity_penalty=0.0,
+    do_sample=False,
+    early_stopping=False,
+    id2label={"0": "LABEL_0", "1": "LABEL_1"},
+    label2id={"LABEL_0": 0, "LABEL_1": 1},
+    is_decoder=False,
+    length_penalty=1.0,
+    max_length=20,
+    num_beams=1,
+    output_attentions=False,
+    pruned_heads={},
+    return_dict=True,
+    temperature=1.0,
+    top_k=50,
+    torch_dtype=None,
+    torchscript=False,
+    transformers_version=None,
+    use_bfloat16=False,
+)
+
+
+def save_full_clip(out_dir: Path, hidden: int = 48, image_size: int = 32, seed: int = 7) -> Path:
+    """A whole CLIPModel (text + vision + projections) whose config.json nests the vision
+    config with legacy keys, as the openai/clip-vit-* releases do."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    vision = dict(
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        hidden_act="quick_gelu",
+    )
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+    )
+    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    CLIPModel(cfg).save_pretrained(out_dir)
+    raw = json.loads((out_dir / "config.json").read_text())
+    raw["vision_config"] = {**_LEGACY_CONFIG_KEYS, **raw["vision_config"]}
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
     return out_dir
 
 
@@ -106,7 +211,12 @@ def make_connector(vision_hidden: int, hidden: int) -> nn.Sequential:
 
 
 def save_videollm_adapter(
-    out_dir: Path, base_dir: Path, vision_hidden: int, tokenizer_json: Path, seed: int = 4
+    out_dir: Path,
+    base_dir: Path,
+    vision_hidden: int,
+    tokenizer_json: Path,
+    seed: int = 4,
+    target_modules: list[str] | str = LORA_TARGETS,
 ) -> Path:
     """A PEFT LoRA adapter over the base with the connector in modules_to_save."""
     from peft import LoraConfig, get_peft_model
@@ -118,7 +228,7 @@ def save_videollm_adapter(
         r=8,
         lora_alpha=16,
         lora_dropout=0.05,
-        target_modules=LORA_TARGETS,
+        target_modules=target_modules,
         modules_to_save=["connector"],
         task_type="CAUSAL_LM",
     )
@@ -126,9 +236,10 @@ def save_videollm_adapter(
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            # peft starts lora_B at zero (merging would be a no-op) and the saved connector as
-            # a copy of the base's; make both trained-looking so the test can see them applied.
-            if "lora_B" in name or "modules_to_save" in name:
+            # peft starts lora_B (an embedding's lora_embedding_A) at zero, so merging would be
+            # a no-op, and the saved connector as a copy of the base's; make them all
+            # trained-looking so the test can see them applied.
+            if "lora_B" in name or "lora_embedding" in name or "modules_to_save" in name:
                 p.normal_(0.0, 0.05)
     with warnings.catch_warnings():  # peft notes that it saves lm_head's base weights too
         warnings.simplefilter("ignore", UserWarning)
