@@ -30,7 +30,9 @@ from onsight.exporter import bench_peers as peers
 from onsight.exporter import bench_report as report
 from onsight.exporter.config import ModConfig, ModelConfig, PreprocessConfig, VisionConfig
 from onsight.runtime.bundle import Bundle, load_bundle
+from onsight.runtime.cli import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from onsight.runtime.errors import OnsightError
+from onsight.runtime.info import check_bundle_dir
 from onsight.runtime.stream_loop import TemplateIds
 from onsight.runtime.template import build_template_ids
 
@@ -429,24 +431,38 @@ def parse_args(argv: list[str]) -> BenchOptions:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default: demo)")
     g.add_argument("--engine", type=Path, help="an existing bundle, e.g. engines/demo")
-    p.add_argument("--backend", default="auto", help="auto | onnxruntime:cpu | onnxruntime:cuda")
-    p.add_argument("--out", type=Path, help="results folder (default bench/results/NAME)")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "onnxruntime", "onnxruntime:cpu",
+                                              "onnxruntime:cuda"],
+    )  # fmt: skip
+    p.add_argument(
+        "--out", type=Path, help=f"results folder (default {REPO / 'bench' / 'results'}/NAME)"
+    )
     p.add_argument("--cache-dir", type=Path, help="built bundles and peers (reused)")
     p.add_argument(
         "--video", type=Path, help="real video (default: the largest in ../shared/videos)"
     )
-    p.add_argument("--iters", type=int, help="timed rounds (default 20; 3 with --quick)")
-    p.add_argument("--e2e-frames", type=int, help="frames per end-to-end run (default 40)")
-    p.add_argument("--memory-frames", type=int, default=0, help="long stream length (0: evicts)")
-    p.add_argument("--budget-mb", type=float, default=1024.0, help="KV budget for frames that fit")
+    p.add_argument("--iters", type=POSITIVE_INT, help="timed rounds (default 20; 3 with --quick)")
+    p.add_argument("--e2e-frames", type=POSITIVE_INT, help="frames per end-to-end run (default 40)")
     p.add_argument(
-        "--speak-every", type=int, default=10, help="random weights: speak every Nth frame"
+        "--memory-frames", type=NON_NEGATIVE_INT, default=0, help="long stream length (0: evicts)"
     )
     p.add_argument(
-        "--narration-tokens", type=int, default=12, help="random weights: tokens per turn"
+        "--budget-mb", type=POSITIVE, default=1024.0, help="KV budget for frames that fit"
+    )
+    p.add_argument(
+        "--speak-every", type=POSITIVE_INT, default=10, help="random weights: speak every Nth frame"
+    )
+    p.add_argument(
+        "--narration-tokens", type=POSITIVE_INT, default=12, help="random weights: tokens per turn"
     )
     p.add_argument("--quick", action="store_true", help="a smoke run: few iterations and frames")
     a = p.parse_args(argv)
+    if a.engine:
+        check_bundle_dir(a.engine)
+        load_bundle(a.engine, verify=False)  # a wrong --engine is refused before any building
+    for flag, d in (("--out", a.out), ("--cache-dir", a.cache_dir)):
+        _check_writable_dir(flag, d)
     preset = None if a.engine else (a.preset or "demo")
     name = preset or a.engine.name
     spec = dataclasses.asdict(PRESETS[preset]) if preset else str(a.engine.resolve())
@@ -464,6 +480,19 @@ def parse_args(argv: list[str]) -> BenchOptions:
         memory_frames=a.memory_frames or (12 if a.quick else 0), budget_mb=a.budget_mb,
         speak_every=a.speak_every, narration_tokens=a.narration_tokens,
     )  # fmt: skip
+
+
+def _check_writable_dir(flag: str, d: Path | None) -> None:
+    """Refuse an --out or --cache-dir that cannot be a folder, before minutes of measuring."""
+    from onsight.exporter.model import why_unwritable
+
+    if d is None:
+        return
+    if d.exists() and not d.is_dir():
+        raise OnsightError(f"{flag} {d} is a file; give a folder (it is created if missing)")
+    problem = None if d.exists() else why_unwritable(d)
+    if problem:
+        raise OnsightError(f"{flag} {d}: {problem}; choose another folder")
 
 
 def _device(backend: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from onsight.runtime.bundle import Bundle
+from onsight.runtime.errors import OnsightError
 from onsight.runtime.kv_policy import TURN, TokenTable
 from onsight.runtime.ort_backend import OrtStepper, choose_providers, reads_cache_span
 
@@ -42,12 +43,36 @@ class Probe:
 
 
 def pick_video(explicit: Path | None, folder: Path) -> Path | None:
+    """--video, checked to give a frame (before any building), or the largest in `folder`."""
     if explicit:
+        check_video(explicit)
         return explicit
     if not folder.is_dir():
         return None
     vids = sorted(p for p in folder.iterdir() if p.suffix in (".mp4", ".mkv", ".avi"))
     return max(vids, key=lambda p: p.stat().st_size) if vids else None
+
+
+def check_video(video: Path) -> None:
+    """Refuse a --video that is missing or gives no frame, saying what to pass."""
+    import cv2
+
+    if not video.is_file():
+        what = "is a folder" if video.is_dir() else "does not exist"
+        raise OnsightError(
+            f"--video {video} {what}; pass a video file (or leave --video out: the largest "
+            "video in ../shared/videos, or synthetic frames without one)"
+        )
+    cap = cv2.VideoCapture(str(video))
+    try:
+        ok = cap.isOpened() and cap.read()[0]
+    finally:
+        cap.release()
+    if not ok:
+        raise OnsightError(
+            f"--video {video} gives no frame (not a video ffmpeg can read, or damaged); "
+            "pass a playable video file"
+        )
 
 
 def sample_frames(video: Path | None, n: int, fps: float, size: int) -> np.ndarray:
@@ -69,6 +94,8 @@ def sample_frames(video: Path | None, n: int, fps: float, size: int) -> np.ndarr
         out.append(letterbox(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), size))
         t += 1.0 / fps
     cap.release()
+    if not out:
+        raise OnsightError(f"--video {video} gives no frame; pass a playable video file")
     while len(out) < n:  # a short video: repeat it
         out.append(out[len(out) % max(1, len(out))])
     return np.stack(out)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ def _number(kind: type, low: float, inclusive: bool = True, what: str = "") -> C
 
 
 POSITIVE_INT = _number(int, 1, what="a whole number >= 1")
+NON_NEGATIVE_INT = _number(int, 0, what="a whole number >= 0")
 POSITIVE = _number(float, 0, inclusive=False, what="a number > 0")
 NON_NEGATIVE = _number(float, 0, what="a number >= 0")
 SOURCE_HELP = (
@@ -83,6 +85,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     )
     if a.kv_capacity is not None:
         opts = dataclasses.replace(opts, kv_capacity=a.kv_capacity)
+    if not a.out.strip():
+        raise OnsightError("--out is empty; give a new bundle directory, e.g. engines/NAME")
+    if os.path.isfile(a.out):
+        raise OnsightError(
+            f"--out {a.out} is a file; give a new bundle directory, e.g. engines/NAME"
+        )
     check_export_args(a.out, opts)  # before loading, which takes minutes for a big model
     print(f"loading {a.source} ...", file=sys.stderr)
     model, tok = load_checkpoint(
@@ -123,6 +131,9 @@ def cmd_build(a: argparse.Namespace) -> int:
             f"--precision {a.precision} is for --backend tensorrt; onnxruntime graphs keep the "
             "bundle's precision (re-export with --dtype fp16) or use --quantize int8"
         )
+    from onsight.runtime.info import check_bundle_dir
+
+    check_bundle_dir(a.bundle)
     a.precision = a.precision or "fp16"
     if a.calibrate_only or a.calibration_video:
         if a.backend != "tensorrt" or a.precision != "int8":
@@ -164,8 +175,10 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 def cmd_narrate(a: argparse.Namespace) -> int:
     from onsight.runtime.assistant import Assistant, AssistantConfig
+    from onsight.runtime.info import check_bundle_dir
     from onsight.runtime.transcript import Transcript
 
+    check_bundle_dir(a.engine)
     cfg = AssistantConfig(
         backend=a.backend,
         fps=a.fps,
@@ -195,6 +208,34 @@ def cmd_narrate(a: argparse.Namespace) -> int:
 
 
 # ---- delegated commands (their modules own their flags) ----
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    """`onsight eval`: evaluate's own flags, after refusing a bundle the demo world cannot
+    score (any other model would narrate none of its events: every score 0, slowly)."""
+    _need_exporter()
+    from onsight.exporter.demo import evaluate
+
+    args = evaluate.parse_args(a.rest)
+    if not args.ablations:  # --ablations exports from --checkpoint; --engine sets the cache
+        check_demo_bundle(args.engine)
+    return int(evaluate.main(a.rest) or 0)
+
+
+def check_demo_bundle(engine: str) -> None:
+    """Refuse a bundle whose model was not trained by `onsight train-demo` (another prompt)."""
+    from onsight.exporter.demo.tokenizer import DEMO_SYSTEM_PROMPT
+    from onsight.runtime.bundle import load_bundle
+    from onsight.runtime.info import check_bundle_dir
+
+    check_bundle_dir(engine)
+    b = load_bundle(engine, verify=False)
+    if b.template.get("system_prompt") != DEMO_SYSTEM_PROMPT:
+        raise OnsightError(
+            f"onsight eval scores the demo model's synthetic world, and {b.path} is not a demo "
+            "model (exported from `onsight train-demo`); evaluate engines/demo or a bundle "
+            "exported from a train-demo checkpoint (for other bundles: onsight narrate, bench)"
+        )
 
 
 def _delegate(module: str, needs_torch: bool) -> Callable[[argparse.Namespace], int]:
@@ -360,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=helptext, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_delegate(module, torch_needed))
+        s.set_defaults(func=cmd_eval if name == "eval" else _delegate(module, torch_needed))
     return p
 
 

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 from onsight.runtime.errors import OnsightError
+
+log = logging.getLogger(__name__)
+
+TAIL_BYTES = 1 << 16  # how much of an existing file is read to check it is a transcript
+
+
+def _is_event(line: bytes) -> bool:
+    """One line of a transcript: a JSON object (an event)."""
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
 
 
 class Transcript:
@@ -19,12 +33,46 @@ class Transcript:
             )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = self._check_existing()
             # line-buffered append: a kill -9 can at worst cut the line being written
             self._f = open(self.path, "a", encoding="utf-8", buffering=1)
         except OSError as e:
             raise OnsightError(
                 f"cannot write transcript {self.path}: {e.strerror}; choose another path"
             ) from e
+        if torn:
+            log.warning("transcript %s: dropped a line cut short by an earlier crash", self.path)
+
+    def _check_existing(self) -> bool:
+        """Refuse to append to a file that is not a JSON-lines transcript (a video given by
+        mistake would be corrupted); cut off a last line a killed run left half written, so
+        the lines appended now parse. True if one was cut."""
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        if size == 0:
+            return False
+        with open(self.path, "rb") as f:
+            f.seek(max(0, size - TAIL_BYTES))
+            tail = f.read()
+        if not tail.strip():
+            return False
+        *complete, rest = tail.split(b"\n")  # rest: what follows the last newline
+        if size > TAIL_BYTES:
+            complete = complete[1:]  # the first may start mid-line
+        last = next((x for x in reversed(complete) if x.strip()), None)
+        if not _is_event(rest if last is None else last):
+            raise OnsightError(
+                f"cannot append to {self.path}: it is not an onsight transcript (JSON lines); "
+                "choose another --transcript path"
+            )
+        if not rest.strip():
+            return False
+        if _is_event(rest):  # a whole last line without its newline
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+            return False
+        with open(self.path, "r+b") as f:  # the half-written line of a killed run
+            f.truncate(size - len(rest))
+        return True
 
     def append(self, line: str) -> None:
         try:
