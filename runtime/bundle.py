@@ -88,6 +88,18 @@ def _fail(path: Path, what: str, fix: str = "re-export it with `onsight export`"
     return BundleError(f"bundle {path}: {what}; {fix}")
 
 
+def _refill(d: Path, m: dict, name: str) -> str:
+    """How to bring back a bundle file: `onsight build` made the int8, Q/DQ and TensorRT
+    files, `onsight export` the rest."""
+    if name in (m.get("graph_overrides") or {}).values():
+        return f"run `onsight build {d} --backend onnxruntime --quantize int8` again"
+    if name in ((m.get("qdq") or {}).get("graphs") or {}).values():
+        return f"run `onsight build {d} --precision int8 --calibrate-only` again"
+    if name.endswith(".plan"):
+        return f"run `onsight build {d} --backend tensorrt` again on the GPU that will run it"
+    return "re-export it with `onsight export`"
+
+
 DEMO_ENGINE = "engines/demo"  # the commands' default --engine
 
 
@@ -106,8 +118,41 @@ def resolve_engine(path: str | Path) -> Path:
     return d
 
 
+CHECKPOINT_MARKERS = ("config.json", "adapter_config.json", "model.safetensors")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
+
+
+def check_bundle_dir(path: str | Path) -> None:
+    """Refuse, saying what to pass instead, the paths people give for a bundle by mistake: a
+    file inside one (bundle.json, a graph), another file, or a checkpoint not yet exported.
+    Anything else is left to load_bundle, which says what is missing or corrupt."""
+    d = resolve_engine(path)
+    if d.is_file():
+        parent = d.parent
+        if (parent / "bundle.json").is_file():
+            raise BundleError(
+                f"bundle {d} is a file inside a bundle; pass the bundle's folder: {parent}"
+            )
+        if d.suffix.lower() in VIDEO_SUFFIXES:
+            raise BundleError(
+                f"bundle {d} is a video, not a bundle; a video goes to --source, the bundle "
+                "to --engine (default: engines/demo)"
+            )
+        raise BundleError(
+            f"bundle {d} is a file, not a bundle; a bundle is a folder holding bundle.json and "
+            "its ONNX graphs (e.g. engines/demo), made by `onsight export`"
+        )
+    if d.is_dir() and not (d / "bundle.json").exists():
+        if any((d / name).is_file() for name in CHECKPOINT_MARKERS):
+            raise BundleError(
+                f"{d} is a checkpoint, not a bundle; export it first: "
+                f"onsight export {d} --out engines/NAME (then pass engines/NAME)"
+            )
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open a bundle; refuse missing files, checksum mismatches and unknown versions."""
+    check_bundle_dir(path)
     d = resolve_engine(path)
     if not d.is_dir():
         shipped = shipped_demo_bundle()
@@ -137,7 +182,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for name, info in m.get("files", {}).items():
         f = d / name
         if not f.is_file():
-            raise _fail(d, f"file {name} listed in bundle.json is missing")
+            raise _fail(d, f"file {name} listed in bundle.json is missing", _refill(d, m, name))
         if verify and sha256_file(f) != info["sha256"]:
             raise _fail(
                 d, f"file {name} does not match its sha256 in bundle.json (corrupt or modified)"

@@ -5,39 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from onsight.runtime.bundle import load_bundle, resolve_engine
-from onsight.runtime.errors import BundleError
+from onsight.runtime.bundle import check_bundle_dir, load_bundle
 
-CHECKPOINT_MARKERS = ("config.json", "adapter_config.json", "model.safetensors")
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
-
-
-def check_bundle_dir(path: str | Path) -> None:
-    """Refuse, saying what to pass instead, the paths people give for a bundle by mistake: a
-    file inside one (bundle.json, a graph), another file, or a checkpoint not yet exported.
-    Anything else is left to load_bundle, which says what is missing or corrupt."""
-    d = resolve_engine(path)
-    if d.is_file():
-        parent = d.parent
-        if (parent / "bundle.json").is_file():
-            raise BundleError(
-                f"bundle {d} is a file inside a bundle; pass the bundle's folder: {parent}"
-            )
-        if d.suffix.lower() in VIDEO_SUFFIXES:
-            raise BundleError(
-                f"bundle {d} is a video, not a bundle; a video goes to --source, the bundle "
-                "to --engine (default: engines/demo)"
-            )
-        raise BundleError(
-            f"bundle {d} is a file, not a bundle; a bundle is a folder holding bundle.json and "
-            "its ONNX graphs (e.g. engines/demo), made by `onsight export`"
-        )
-    if d.is_dir() and not (d / "bundle.json").exists():
-        if any((d / name).is_file() for name in CHECKPOINT_MARKERS):
-            raise BundleError(
-                f"{d} is a checkpoint, not a bundle; export it first: "
-                f"onsight export {d} --out engines/NAME (then pass engines/NAME)"
-            )
+__all__ = ["check_bundle_dir", "describe", "summary"]
 
 
 def _mb(n: float) -> str:

@@ -62,6 +62,32 @@ def test_narrate_with_a_checkpoint_as_engine_says_export_it_first(capsys):
     assert "export it first" in err
 
 
+def test_assistant_on_a_checkpoint_dir_says_export_it_first():
+    """The embedding API and `onsight run` open bundles through load_bundle: they get the
+    same advice as the commands."""
+    from onsight.runtime.assistant import Assistant
+    from onsight.runtime.errors import BundleError
+
+    with pytest.raises(BundleError, match="is a checkpoint, not a bundle; export it first"):
+        Assistant(DEMO_CKPT)
+
+
+def test_a_missing_int8_graph_says_to_run_build_again(tmp_path):
+    from onsight.runtime.bundle import load_bundle
+    from onsight.runtime.errors import BundleError
+
+    b = tmp_path / "b"
+    shutil.copytree(DEMO, b)
+    manifest = json.loads((b / "bundle.json").read_text())
+    (b / "vision.int8.onnx").write_bytes(b"")
+    manifest["graph_overrides"] = {"vision": "vision.int8.onnx"}
+    manifest["files"]["vision.int8.onnx"] = {"bytes": 0, "sha256": "0"}
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    (b / "vision.int8.onnx").unlink()
+    with pytest.raises(BundleError, match="--backend onnxruntime --quantize int8` again"):
+        load_bundle(b)
+
+
 def test_build_on_a_checkpoint_dir_is_refused_before_building(capsys):
     argv = ["build", str(DEMO_CKPT), "--backend", "onnxruntime", "--quantize", "int8"]
     assert "is a checkpoint, not a bundle" in refused(capsys, argv)
