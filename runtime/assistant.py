@@ -453,7 +453,7 @@ class Assistant:
         return StatsEvent(
             frames_captured=max(self._captured, self._processed),
             frames_processed=self._processed,
-            frames_dropped=self._dropped + self._skipped,
+            frames_dropped=self._dropped,
             stage_ms={k: round(v, 3) for k, v in self._stage_ms.items()},
             kv_fill=round(cache.fill(), 4),
             kv_frames_fit=cache.frames_fit(),
@@ -461,6 +461,7 @@ class Assistant:
             fps_processed=round(self._processed / elapsed, 3),
             backend=self.backend.name,
             tokens_pruned=self._pruned,
+            frames_skipped=self._skipped,
         )
 
     def warn(self, message: str) -> WarningEvent:

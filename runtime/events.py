@@ -53,6 +53,7 @@ class StatsEvent(Event):
     fps_processed: float
     backend: str
     tokens_pruned: int = 0  # vision tokens not prefilled thanks to temporal pruning (if on)
+    frames_skipped: int = 0  # near-duplicate frames not prefilled (skip_duplicate_frames)
 
 
 @dataclass(frozen=True)

@@ -466,3 +466,14 @@ def test_narrate_refused_before_it_starts_leaves_no_transcript(tmp_path, capsys)
         ]
     )
     assert code == 2 and not t.exists()
+
+
+def test_skipped_duplicate_frames_are_counted_apart_from_dropped_ones():
+    """frames_dropped means inference fell behind; a near-duplicate frame skipped on purpose
+    is frames_skipped."""
+    frame = np.full((64, 64, 3), 90, np.uint8)
+    with Assistant(DEMO, AssistantConfig(skip_duplicate_frames=True, stats_every=10**6)) as a:
+        for i in range(3):
+            a.push(frame, i * 0.5)
+        st = a.stats()
+    assert (st.frames_processed, st.frames_skipped, st.frames_dropped) == (1, 2, 0)
