@@ -409,6 +409,17 @@ def test_demo_video_repeats_frames_for_higher_fps(tmp_path) -> None:
     cap.release()
 
 
+def test_demo_video_under_a_file_or_onto_a_folder_says_what_is_wrong(tmp_path) -> None:
+    from onsight.runtime.errors import OnsightError
+
+    (tmp_path / "x").write_text("")
+    (tmp_path / "dir.mp4").mkdir()
+    with pytest.raises(OnsightError, match=r"x is a file, not a directory"):
+        render_demo_video(tmp_path / "x" / "out.mp4", seconds=1, size=32)
+    with pytest.raises(OnsightError, match="is a directory; give a file path"):
+        render_demo_video(tmp_path / "dir.mp4", seconds=1, size=32)
+
+
 def test_config_replace_keeps_story() -> None:
     """Pixel nuisances draw from their own generator, so noise does not change the events."""
     noisy = replace(WorldConfig(), shake_prob=1.0, noise_prob=1.0)

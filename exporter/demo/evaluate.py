@@ -341,8 +341,15 @@ def markdown(report: dict) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="onsight eval", description=__doc__.splitlines()[0])
     p.add_argument("--engine", default="engines/demo", help="bundle directory")
-    p.add_argument("--streams", type=int, default=20)
-    p.add_argument("--seed-start", type=int, default=HELD_OUT_SEED)
+    p.add_argument(
+        "--streams", type=int, default=20, help="held-out streams to narrate (README: 500)"
+    )
+    p.add_argument(
+        "--seed-start",
+        type=int,
+        default=HELD_OUT_SEED,
+        help=f"first world seed (default {HELD_OUT_SEED}: held out; 200000+: validation)",
+    )
     p.add_argument("--frames", type=int, default=60, help="frames per stream")
     p.add_argument("--window", type=float, default=2.0, help="seconds after an event to match")
     p.add_argument("--stage", type=int, default=2, help="world curriculum stage (2: full world)")

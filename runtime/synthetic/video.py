@@ -54,7 +54,12 @@ def render_demo_video(
     final = Path(path)
     if final.suffix.lower() != ".mp4":
         raise OnsightError(f"demo video path must end in .mp4, got {final}")
+    if final.is_dir():
+        raise OnsightError(f"{final} is a directory; give a file path ending in .mp4")
     if not final.parent.is_dir():
+        blocker = next((p for p in reversed(final.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise OnsightError(f"cannot write {final}: {blocker} is a file, not a directory")
         raise OnsightError(f"directory {final.parent} does not exist; create it first")
     if size < 16 or seconds <= 0:
         raise OnsightError("demo video needs size >= 16 and seconds > 0")
