@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from onsight.exporter.ckpt_llm import sliding_window
 from onsight.exporter.config import ModConfig, parse_mod_layers, parse_tokens_per_frame
 from onsight.exporter.model import StreamingModel, staging_dir, why_unwritable, write_error
 from onsight.exporter.onnx_export import export_graphs
@@ -252,11 +253,54 @@ def _manifest(
     }
 
 
+class KvLimit(NamedTuple):
+    """The largest --kv-capacity that keeps a model exact."""
+
+    tokens: int
+    what: str  # e.g. "the model's sliding_window (4096)"
+    why: str  # what a larger cache would do
+
+
+def kv_capacity_limit(model: StreamingModel) -> KvLimit | None:
+    """The model's KvLimit, None if it has none.
+
+    The runtime re-bases positions inside the cache, never past its capacity, and attends over
+    all of it: a cache larger than the trained positions, or than a sliding window (Mistral-
+    7B-v0.1's 4096), would compute something the model was never trained to.
+    """
+    config = model.decoder.lm.config
+    limits = []
+    max_pos = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if max_pos:
+        why = "positions are re-based inside the cache, never past it"
+        limits.append(KvLimit(max_pos, f"the model's trained positions ({max_pos})", why))
+    window = sliding_window(config)
+    if window:
+        why = (
+            f"it was trained to attend to the last {window} positions only, and onsight "
+            "attends over the whole cache"
+        )
+        limits.append(KvLimit(window, f"the model's sliding_window ({window})", why))
+    return min(limits, key=lambda limit: limit.tokens, default=None)
+
+
 def default_kv_capacity(model: StreamingModel) -> int:
-    """The cache size when none is given: 4096 tokens per dense layer, or the model's trained
-    positions if fewer (positions are re-based inside the cache, never past those)."""
-    max_pos = int(getattr(model.decoder.lm.config, "max_position_embeddings", 0) or 0)
-    return min(ExportOptions.kv_capacity, max_pos) if max_pos else ExportOptions.kv_capacity
+    """The cache size when none is given: 4096 tokens per dense layer, or fewer if the model's
+    trained positions or sliding window are fewer (see kv_capacity_limit)."""
+    default = ExportOptions.kv_capacity
+    limit = kv_capacity_limit(model)
+    if limit is None or limit.tokens >= default:
+        return default
+    if sliding_window(model.decoder.lm.config) == limit.tokens:
+        # a cache smaller than the usual one is worth a word: fewer frames of memory
+        log.warning(
+            "kv capacity %d tokens instead of the default %d: %s; a larger cache would attend "
+            "past it",
+            limit.tokens,
+            default,
+            limit.what,
+        )
+    return limit.tokens
 
 
 def export_bundle(
@@ -271,11 +315,11 @@ def export_bundle(
     out = check_export_args(out, opts)
     model = apply_options(model, opts)
     dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
-    max_pos = int(getattr(model.decoder.lm.config, "max_position_embeddings", 0) or 0)
-    if max_pos and opts.kv_capacity > max_pos:
+    limit = kv_capacity_limit(model)
+    if limit and opts.kv_capacity > limit.tokens:
         raise ExportError(
-            f"--kv-capacity {opts.kv_capacity} exceeds the model's trained positions ({max_pos}); "
-            f"positions are re-based inside the cache, so use at most {max_pos}"
+            f"--kv-capacity {opts.kv_capacity} exceeds {limit.what} ({limit.why}); use at most "
+            f"{limit.tokens}, the largest cache that keeps the model exact"
         )
     from tokenizers import Tokenizer
 
@@ -283,9 +327,12 @@ def export_bundle(
     sink_len = len(build_template_ids(tok, dataclasses.asdict(model.cfg.template)).sink)
     need = sink_len + 2 * (model.cfg.tokens_per_frame + 1) + model.cfg.template.max_new_tokens
     if opts.kv_capacity < need:
+        hint = f"use at least {need}"
+        if limit and limit.tokens < need:  # "use at least" alone would go in circles
+            hint = f"{limit.what} allows at most {limit.tokens}: export fewer --tokens-per-frame"
         raise ExportError(
             f"--kv-capacity {opts.kv_capacity} is too small: the system prompt ({sink_len} tokens), "
-            f"two frames and one narration need {need}; use at least {need}"
+            f"two frames and one narration need {need}; {hint}"
         )
     reserve = sink_len + opts.keep_text_tokens
     layout = layout_for(model, opts.kv_capacity, reserve)

@@ -103,6 +103,15 @@ def load_lm(d: Path, cfg: dict) -> nn.Module:
     tied = lm.config.tie_word_embeddings
     bad = [k for k in info["missing_keys"] if not (tied and k == "lm_head.weight")]
     bad += [str(k) for k in info.get("mismatched_keys", [])]
+    # the head without the embedding (else the file is truncated or foreign): untied on purpose?
+    if "lm_head.weight" in bad and not any("embed_tokens" in k for k in bad):
+        more = f" (and {len(bad) - 1} other tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{d}: tensor 'lm_head.weight'{more} is missing (the output head: with "
+            "tie_word_embeddings false in config.json it has weights of its own); copy the "
+            "complete checkpoint, or set tie_word_embeddings true only if the model was "
+            "trained with its head tied to embed_tokens"
+        )
     if bad:
         raise CheckpointError(f"{d}: tensor {bad[0]!r} is missing or mis-shaped for config.json")
     # ... and drops tensors the config has no place for (more layers, biases): also refuse.
@@ -118,13 +127,26 @@ def load_lm(d: Path, cfg: dict) -> nn.Module:
     return lm.eval()
 
 
+def sliding_window(config) -> int | None:
+    """The attention window a transformers config trains its layers with, or None for full
+    attention: Mistral-7B-v0.1's 4096, but not Qwen2's window when no layer uses it
+    (use_sliding_window false, or max_window_layers covering every layer)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and "sliding_attention" not in layer_types:
+        return None
+    max_pos = getattr(config, "max_position_embeddings", None) or 0
+    if not window or (max_pos and window >= max_pos):  # no position is ever out of reach
+        return None
+    return int(window)
+
+
 def _warn_sliding_window(d: Path, config) -> None:
     """onsight attends over its whole KV cache; a sliding-window model (Mistral-7B-v0.1) was
     trained to see only the last `sliding_window` positions, the same only for a cache no
-    longer than that."""
-    window = getattr(config, "sliding_window", None)
-    max_pos = getattr(config, "max_position_embeddings", None) or 0
-    if window and (not max_pos or window < max_pos):
+    longer than that (`onsight export` holds --kv-capacity to it)."""
+    window = sliding_window(config)
+    if window:
         log.warning(
             "%s: sliding_window %d: this model attends to the last %d positions only, onsight "
             "to its whole KV cache; export with --kv-capacity %d or less to match it",

@@ -14,11 +14,15 @@ from onsight.runtime.errors import CheckpointError
 
 MOD_KEEP_RATIO = 0.2  # VideoLLM-MoD's r: what LayerExperts route at unless --keep-ratio says
 _PROJECTOR_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+# The names a Linear -> GELU -> Linear is saved under: onsight's fc1/fc2, an nn.Sequential's
+# 0/2, under any module prefix ending in VideoLLM-online's `connector.`, `projector.` or
+# LLaVA's `mm_projector.` (mlp2x_gelu: `model.mm_projector.0.weight` in mm_projector.bin).
+_PROJECTOR_FORMS = "fc1.*/fc2.*, 0.*/2.*, connector.0.*/2.*, or [model.]mm_projector.0.*/2.*"
 
 
 def projector_name(key: str) -> str:
-    """`connector.0.*`, `0.*`/`2.*` (an nn.Sequential) or `fc1.*`/`fc2.*` -> fc1/fc2."""
-    k = re.sub(r"^(?:.*\.)?(?:connector|projector)\.", "", key)  # drop any module prefix
+    """`connector.0.*`, `model.mm_projector.2.*`, `0.*`/`2.*` or `fc1.*`/`fc2.*` -> fc1/fc2."""
+    k = re.sub(r"^(?:.*\.)?(?:connector|projector|mm_projector)\.", "", key)  # drop any prefix
     return re.sub(r"^0\.", "fc1.", re.sub(r"^2\.", "fc2.", k))
 
 
@@ -29,21 +33,32 @@ def projector_names(tensors: dict) -> dict[str, torch.Tensor]:
 
 def read_projector(path: Path, vis: VisionTower, llm_hidden: int) -> dict[str, torch.Tensor]:
     raw = load_tensors(need_file(path, "projector (--projector)"))
-    # A tensor with no place in Linear -> GELU -> Linear (a third layer, a norm) would be
-    # dropped, and the projector would compute something else than it was trained to.
+    found = ", ".join(sorted(raw)[:12]) + (f" ... ({len(raw)} in all)" if len(raw) > 12 else "")
+    # A tensor with no place in Linear -> GELU -> Linear (a third layer as in LLaVA's
+    # mlp3x_gelu, a norm) would be dropped, and the projector would compute something else
+    # than it was trained to.
     extra = sorted(k for k in raw if projector_name(k) not in _PROJECTOR_KEYS)
     if extra:
         raise CheckpointError(
             f"{path}: key {extra[0]!r} has no place in onsight's projector, Linear (fc1) -> "
-            "GELU -> Linear (fc2); a projector file holds exactly fc1.weight, fc1.bias, "
-            "fc2.weight and fc2.bias (or 0.*/2.*, connector.0.*/connector.2.*)"
+            f"GELU -> Linear (fc2); found {found}. A projector file holds exactly the two "
+            f"layers' weights and biases, named {_PROJECTOR_FORMS}"
         )
+    by_name: dict[str, list[str]] = {}
+    for key in raw:
+        by_name.setdefault(projector_name(key), []).append(key)
+    for name, keys in by_name.items():
+        if len(keys) > 1:  # e.g. both fc1.weight and 0.weight: which is the trained one?
+            raise CheckpointError(
+                f"{path}: keys {sorted(keys)} all name the projector's {name}; a projector "
+                f"file uses one naming ({_PROJECTOR_FORMS})"
+            )
     tensors = projector_names(raw)
     for key in _PROJECTOR_KEYS:
         if key not in tensors:
             raise CheckpointError(
-                f"{path}: key {key!r} is missing (found {sorted(tensors)[:6]}); a projector "
-                "file holds fc1.weight, fc1.bias, fc2.weight and fc2.bias"
+                f"{path}: key {key!r} is missing (found {found}); a projector file holds the "
+                f"two layers' weights and biases, named {_PROJECTOR_FORMS}"
             )
     mid = tensors["fc1.weight"].shape[0]
     want = {

@@ -7,6 +7,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from onsight.exporter.ckpt_files import read_config
 from onsight.exporter.config import TemplateConfig
 from onsight.exporter.model import read_json
 from onsight.runtime.errors import CheckpointError
@@ -82,7 +83,7 @@ def compose_template(llm_dir: Path, llm_cfg: dict, tokenizer_json: Path) -> Temp
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tc_path = llm_dir / "tokenizer_config.json"
-    tc = read_json(tc_path, "tokenizer config") if tc_path.is_file() else {}
+    tc = read_config(tc_path, "tokenizer config") if tc_path.is_file() else {}
     if "bos_token" in tc and tc.get("add_bos_token", True) is not False:
         bos = token_str(tc["bos_token"]) or ""  # Qwen2 sets null: it has no bos
     else:

@@ -255,8 +255,11 @@ def save_projector(
     middle: int | None = None,
     naming: str = "fc",
     seed: int = 5,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """naming: `fc` (fc1.*, fc2.*), `seq` (0.*, 2.*) or `connector` (connector.0.*)."""
+    """naming: `fc` (fc1.*, fc2.*), `seq` (0.*, 2.*), `connector` (connector.0.*), `llava`
+    (model.mm_projector.0.*, as LLaVA's mlp2x_gelu mm_projector.bin) or `mm_projector`
+    (mm_projector.0.*). A path ending in .bin is written with torch.save, as LLaVA's is."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
@@ -265,6 +268,8 @@ def save_projector(
         "fc": ("fc1", "fc2"),
         "seq": ("0", "2"),
         "connector": ("connector.0", "connector.2"),
+        "llava": ("model.mm_projector.0", "model.mm_projector.2"),
+        "mm_projector": ("mm_projector.0", "mm_projector.2"),
     }[naming]
     tensors = {
         f"{first}.weight": torch.randn(middle, vision_hidden) * 0.1,
@@ -272,7 +277,11 @@ def save_projector(
         f"{second}.weight": torch.randn(llm_hidden, middle) * 0.1,
         f"{second}.bias": torch.randn(llm_hidden) * 0.1,
     }
-    save_file(tensors, str(path))
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    if Path(path).suffix == ".bin":
+        torch.save(tensors, path)
+    else:
+        save_file(tensors, str(path))
     return path
 
 

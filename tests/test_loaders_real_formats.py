@@ -9,6 +9,7 @@ import logging
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from builders import llama_config, save_hf_lm
 from ckpt_builders import (
@@ -25,8 +26,15 @@ from safetensors.torch import load_file, save_file
 from test_loaders import HIDDEN, VISION_HIDDEN, _raises, ck  # noqa: F401 - session fixture
 from tokenizers import Tokenizer
 
+from onsight.exporter.bundle_writer import (
+    ExportOptions,
+    default_kv_capacity,
+    export_bundle,
+    kv_capacity_limit,
+)
 from onsight.exporter.loaders import load_checkpoint
 from onsight.exporter.reference import Segment, recompute_logits
+from onsight.runtime.errors import ExportError
 
 # Llama-3.1's rope_scaling, with original_max_position_embeddings scaled down to the tiny
 # model so that the llama3 frequency adjustment changes some of its frequencies.
@@ -154,6 +162,102 @@ def test_qwen2_with_use_sliding_window_false_gives_no_warning(ck, tmp_path, capl
     assert "sliding_window" not in caplog.text
 
 
+@pytest.fixture(scope="module")
+def mistral16(ck, tmp_path_factory):  # noqa: F811
+    """A Mistral whose sliding_window (16) is far below its trained positions (2048)."""
+    llm = save_llm_as_released(
+        tmp_path_factory.mktemp("m16") / "mistral",
+        ck.vocab,
+        ck.tok_plain,
+        "MistralForCausalLM",
+        sliding_window=16,
+    )
+    return load_checkpoint(llm, fmt="compose", vision=ck.siglip_vision, projector=ck.proj)
+
+
+@pytest.mark.parametrize("capacity", [17, 1024, 10**6])  # past the window; also past 2048
+def test_kv_capacity_past_the_sliding_window_is_refused_naming_the_largest_exact_one(
+    mistral16, tmp_path, capacity
+):
+    model, tok = mistral16
+    with pytest.raises(ExportError, match=r"exceeds the model's sliding_window \(16\)") as info:
+        export_bundle(model, tok, tmp_path / "b", ExportOptions(kv_capacity=capacity))
+    assert "use at most 16, the largest cache that keeps the model exact" in str(info.value)
+    assert "attends over the whole cache" in str(info.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_kv_capacity_at_the_window_passes_and_says_when_the_window_is_too_small(
+    mistral16, tmp_path
+):
+    # 16 is within the window; the stream needs more, which no --kv-capacity can give
+    model, tok = mistral16
+    with pytest.raises(ExportError, match="is too small") as info:
+        export_bundle(model, tok, tmp_path / "b", ExportOptions(kv_capacity=16))
+    assert "sliding_window (16) allows at most 16: export fewer --tokens-per-frame" in str(
+        info.value
+    )
+
+
+def test_default_kv_capacity_is_the_sliding_window_when_smaller(mistral16, caplog):
+    with caplog.at_level(logging.WARNING, logger="onsight"):
+        assert default_kv_capacity(mistral16[0]) == 16
+    assert "kv capacity 16 tokens instead of the default 4096" in caplog.text
+    assert "sliding_window (16)" in caplog.text
+
+
+def test_cli_export_defaults_the_cache_to_the_sliding_window(
+    ck,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    caplog,
+    capsys,
+):
+    # no --kv-capacity: the window (1000) instead of 4096 or the trained positions (2048),
+    # accepted by the writer; the export stops where the graphs would be written
+    import onsight.exporter.bundle_writer as bw
+    from onsight.runtime.cli import main as cli_main
+
+    llm = save_llm_as_released(
+        tmp_path / "mistral", ck.vocab, ck.tok_plain, "MistralForCausalLM", sliding_window=1000
+    )
+    layouts = []
+
+    def stop(model, layout, *a, **k):
+        layouts.append(layout)
+        raise ExportError("stopped before writing graphs")
+
+    monkeypatch.setattr(bw, "export_graphs", stop)
+    args = ["export", str(llm), "--vision", str(ck.siglip_vision), "--projector", str(ck.proj)]
+    with caplog.at_level(logging.WARNING, logger="onsight"):
+        assert cli_main([*args, "--out", str(tmp_path / "b")]) == 2
+    assert [layout.capacity_dense for layout in layouts] == [1000]
+    assert "kv capacity 1000 tokens instead of the default 4096" in caplog.text
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "c"), "--kv-capacity", "1001"]) == 2
+    assert "sliding_window (1000)" in capsys.readouterr().err and len(layouts) == 1
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_qwen2_window_that_reaches_no_layer_limits_nothing(ck, tmp_path, caplog):  # noqa: F811
+    # use_sliding_window true, but max_window_layers covers all 4 layers: full attention
+    qwen = save_llm_as_released(
+        tmp_path / "qwen",
+        ck.vocab,
+        ck.tok_plain,
+        "Qwen2ForCausalLM",
+        bos=None,
+        sliding_window=16,
+        use_sliding_window=True,
+        max_window_layers=4,
+    )
+    with caplog.at_level(logging.WARNING, logger="onsight"):
+        model = _compose(ck, qwen)
+        assert default_kv_capacity(model) == 2048  # the trained positions, not 16
+    assert kv_capacity_limit(model).what == "the model's trained positions (2048)"
+    assert "sliding_window" not in caplog.text
+
+
 # ---- broken LLM directories ----
 
 
@@ -210,6 +314,28 @@ def test_config_json_that_is_not_an_object_is_refused(ck, tmp_path):  # noqa: F8
     )
 
 
+def test_tokenizer_config_that_is_not_an_object_is_refused(ck, tmp_path):  # noqa: F811
+    llm = copy_dir(ck.base, tmp_path / "llm")
+    # a list naming the keys: `"bos_token" in tc` holds, and tc.get would be AttributeError
+    (llm / "tokenizer_config.json").write_text('["bos_token", "eos_token"]')
+    _raises(
+        "tokenizer_config.json: holds a JSON list, not an object",
+        llm,
+        vision=ck.siglip_vision,
+        projector=ck.proj,
+    )
+
+
+def test_untied_llm_without_lm_head_names_tie_word_embeddings(ck, tmp_path):  # noqa: F811
+    llm = copy_dir(ck.base, tmp_path / "llm")
+    assert json.loads((llm / "config.json").read_text())["tie_word_embeddings"] is False
+    tensors = load_file(str(llm / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(llm / "model.safetensors"), metadata={"format": "pt"})
+    msg = _raises("'lm_head.weight' is missing", llm, vision=ck.siglip_vision, projector=ck.proj)
+    assert "with tie_word_embeddings false in config.json it has weights of its own" in msg
+
+
 # ---- vision towers ----
 
 
@@ -233,6 +359,56 @@ def test_projector_with_a_third_layer_is_refused(ck, tmp_path):  # noqa: F811
     save_file(tensors, str(path))
     msg = _raises("'4.bias' has no place", ck.base, vision=ck.siglip_vision, projector=path)
     assert "p.safetensors" in msg
+
+
+@pytest.mark.parametrize(
+    ("naming", "name"),
+    [("llava", "mm_projector.bin"), ("mm_projector", "mm_projector.safetensors")],
+)
+def test_llava_mm_projector_loads_as_the_two_layer_mlp(ck, tmp_path, naming, name):  # noqa: F811
+    # LLaVA's mlp2x_gelu (Linear, GELU, Linear) as its pretraining stage saves it
+    path = save_projector(
+        tmp_path / name, VISION_HIDDEN, HIDDEN, middle=96, naming=naming, dtype=torch.float16
+    )
+    model = _compose(ck, ck.base, projector=path)
+    saved = torch.load(path) if path.suffix == ".bin" else load_file(str(path))
+    prefix = "model.mm_projector" if naming == "llava" else "mm_projector"
+    proj = model.encoder.projector
+    torch.testing.assert_close(proj.fc1.weight, saved[f"{prefix}.0.weight"].float())
+    torch.testing.assert_close(proj.fc2.bias, saved[f"{prefix}.2.bias"].float())
+    assert model.cfg.projector_hidden == 96
+
+
+@pytest.mark.parametrize(
+    ("extra", "bad"),
+    [
+        ({"model.mm_projector.4.weight": (HIDDEN, HIDDEN)}, "model.mm_projector.4.weight"),
+        ({"model.mm_projector.1.weight": (HIDDEN,)}, "model.mm_projector.1.weight"),
+        ({"model.embed_tokens.weight": (8, HIDDEN)}, "model.embed_tokens.weight"),
+    ],
+    ids=["mlp3x_gelu", "norm", "unknown"],
+)
+def test_llava_projector_with_other_keys_is_refused_listing_them(ck, tmp_path, extra, bad):  # noqa: F811
+    path = save_projector(tmp_path / "p.safetensors", VISION_HIDDEN, HIDDEN, naming="llava")
+    tensors = load_file(str(path)) | {k: torch.zeros(shape) for k, shape in extra.items()}
+    save_file(tensors, str(path))
+    msg = _raises(f"key '{bad}' has no place", ck.base, vision=ck.siglip_vision, projector=path)
+    found = msg.split("; found ")[1].split(". ")[0]
+    assert found.split(", ") == sorted(tensors)  # every key, the projector's own included
+    assert "[model.]mm_projector.0.*/2.*" in msg
+
+
+def test_projector_with_one_layer_under_two_names_is_refused(ck, tmp_path):  # noqa: F811
+    path = save_projector(tmp_path / "p.safetensors", VISION_HIDDEN, HIDDEN, naming="llava")
+    tensors = load_file(str(path))
+    tensors["fc1.weight"] = tensors["model.mm_projector.0.weight"]
+    save_file({k: v.clone() for k, v in tensors.items()}, str(path))
+    _raises(
+        r"keys \['fc1.weight', 'model.mm_projector.0.weight'\] all name the projector's fc1",
+        ck.base,
+        vision=ck.siglip_vision,
+        projector=path,
+    )
 
 
 # ---- VideoLLM-online adapters ----
