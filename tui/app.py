@@ -10,35 +10,33 @@ worker wait on, so no frame is consumed and no line is produced while paused.
 from __future__ import annotations
 
 import logging
+import string
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, Input, Label, Static
+from textual.geometry import Size
+from textual.widgets import Footer, Input
 
-from onsight.runtime.capture import SourceKind, classify_spec
 from onsight.runtime.errors import OnsightError, SourceError
-from onsight.runtime.events import (
-    AnswerEvent,
-    Event,
-    NarrationEvent,
-    SourceEvent,
-    StatsEvent,
-    WarningEvent,
-)
-from onsight.runtime.files import write_text_atomic
 from onsight.runtime.frames import Frame
 from onsight.runtime.transcript import Transcript
 
-from .engine import GATE_POLL_S, Engine, EngineFactory, SourceOpener, TappedSource, describe_engine
+from .engine import (
+    GATE_POLL_S,
+    Engine,
+    EngineFactory,
+    SourceOpener,
+    TappedSource,
+    describe_engine,
+    is_camera,
+    question_budget,
+)
+from .error_screen import ErrorScreen
 from .messages import (
     Answered,
     EngineLoaded,
@@ -51,56 +49,24 @@ from .messages import (
     SourceOpened,
     StatsUpdated,
     Status,
+    Terminated,
     Warned,
+    message_for,
 )
 from .narration_log import NarrationLog
 from .preview import Preview
+from .question import QuestionInput
+from .recorder import Recorder
+from .signals import ExitOnSignals
 from .stats_panel import StatsPanel
 
 log = logging.getLogger(__name__)
 
 PREVIEW_HZ = 8.0  # how often the preview looks for a newer frame
 SHUTDOWN_TIMEOUT_S = 20.0  # longest wait for the narrate worker on quit (one slow frame)
-TRANSCRIPT_STATS_EVERY = 10  # stats lines in the transcript: one per this many frames
-MAX_KEPT_LINES = 200_000  # transcript lines kept in memory for the s key (~40 MB)
-
-
-class ErrorScreen(ModalScreen[str]):
-    """The source or the bundle failed: say why, offer retry (and the demo video), or quit.
-
-    Dismisses with "retry", "demo" or "quit".
-    """
-
-    BINDINGS = [
-        Binding("r", "choose('retry')", "Retry"),
-        Binding("d", "choose('demo')", "Demo video", show=False),
-        Binding("q,escape", "choose('quit')", "Quit"),
-    ]
-
-    def __init__(self, title: str, text: str, offer_demo: bool) -> None:
-        super().__init__()
-        self._title, self._text, self._offer_demo = title, text, offer_demo
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="error-box") as box:
-            box.border_title = self._title
-            yield Static(self._text, id="error-text", markup=False)
-            if self._offer_demo:
-                yield Label("No camera here? Play the demo video instead.", id="error-hint")
-            with Horizontal(id="error-buttons"):
-                yield Button("Retry (r)", id="retry", variant="primary")
-                if self._offer_demo:
-                    yield Button("Demo video (d)", id="demo", variant="success")
-                yield Button("Quit (q)", id="quit", variant="error")
-
-    def action_choose(self, choice: str) -> None:
-        if choice == "demo" and not self._offer_demo:
-            return
-        self.dismiss(choice)
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(str(event.button.id))
+NARROW_BELOW = 72  # columns: narrower, the side panel leaves the log the whole width (v shows it)
+SHORT_BELOW = 22  # rows: shorter, the stats panel hides (a one-line summary stays on the log)
+TYPE_TO_ASK = [c for c in string.ascii_letters + string.digits if c not in "pvsq"]  # not keys
 
 
 class OnsightApp(App[None]):
@@ -109,8 +75,13 @@ class OnsightApp(App[None]):
     CSS_PATH = "onsight.tcss"
     TITLE = "onsight"
     ENABLE_COMMAND_PALETTE = False  # keeps ctrl+p free and the footer uncluttered
+    # Breakpoint classes on the screen; onsight.tcss lays out small terminals with them.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (NARROW_BELOW, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (SHORT_BELOW, "-tall")]
     BINDINGS = [
-        Binding("p", "toggle_pause", "Pause/Resume"),
+        # One key, two bindings: check_action shows the one that applies in the footer.
+        Binding("p", "pause(True)", "Pause"),
+        Binding("p", "pause(False)", "Resume"),
         Binding("v", "toggle_preview", "Preview"),
         Binding("s", "save_snapshot", "Snapshot"),
         # priority: handled as the key arrives, so keys typed right after it already go to
@@ -118,6 +89,13 @@ class OnsightApp(App[None]):
         Binding("slash,question_mark", "ask", "Ask", key_display="/", priority=True),
         Binding("q", "quit", "Quit"),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
+        # Over SSH Ctrl-C means stop: quit cleanly (Textual's default only says "use ctrl+q"),
+        # unless there is selected text to copy.
+        Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True),
+        # Typing on the log starts a question (after one is sent, focus is back on the log
+        # and the next is typed straight away). Priority, like "/": the focus moves before
+        # the rest of "what is it", which a terminal sends in one read, is handed out.
+        *(Binding(c, f"type_to_ask('{c}')", show=False, priority=True) for c in TYPE_TO_ASK),
     ]
 
     def __init__(
@@ -132,20 +110,28 @@ class OnsightApp(App[None]):
         save_dir: Path = Path("."),
         demo_video: Callable[[], Path] | None = None,
         use_demo: bool = False,
+        handle_signals: bool = False,
     ) -> None:
         """engine_factory builds the engine (slow: loads the bundle) in the worker thread;
         open_source opens `source` at the engine's fps, also in the worker. demo_video
-        returns the demo clip's path (rendering it once); None disables the offer."""
+        returns the demo clip's path (rendering it once); None disables the offer.
+        handle_signals: SIGTERM and SIGHUP quit like q (engine, source and transcript
+        closed, the terminal restored) instead of killing the process mid-screen."""
         super().__init__()
         self._engine_factory = engine_factory
         self._open_source = open_source
         self._spec = source
         self._fps = fps
-        self._transcript = transcript
+        self._recorder = Recorder(transcript)
         self._show_preview = show_preview
         self._save_dir = Path(save_dir)
         self._demo_video = demo_video
         self._use_demo = use_demo and demo_video is not None
+        self._signals = (
+            ExitOnSignals(self._release, lambda code: self.post_message(Terminated(code)))
+            if handle_signals
+            else None
+        )
 
         # Shared with worker threads; each is written by one side only or is an Event.
         self._engine: Engine | None = None
@@ -157,17 +143,13 @@ class OnsightApp(App[None]):
         self._idle.set()
         self._released = threading.Event()  # engine, source and transcript are closed
         self._release_lock = threading.Lock()
-        # Every event as JSON, for "save transcript"; bounded for week-long runs (--transcript
-        # keeps everything on disk).
-        self._lines: deque[str] = deque(maxlen=MAX_KEPT_LINES)
-        self._lines_lock = threading.Lock()  # the worker appends while a save copies
-        self._stats_logged_at = -TRANSCRIPT_STATS_EVERY
 
         # UI-thread state.
         self._preview: Preview | None = None  # set on mount; the preview timer uses it
         self.paused = False
         self.stream_time: float | None = None  # newest frame timestamp seen in an event
         self.narration_done = False  # set when the narrate worker has exited
+        self._source_ended = False  # the source said "ended" (a file played to its end)
         self.last_saved: tuple[Path | None, Path] | None = None
         self._quitting = False
         self._exit_code = 0
@@ -178,9 +160,7 @@ class OnsightApp(App[None]):
         with Horizontal(id="main"):
             with Vertical(id="left"):
                 yield NarrationLog(id="log")
-                yield Input(
-                    placeholder="/ to ask a question, Enter to send, Esc to leave", id="question"
-                )
+                yield QuestionInput(id="question")
             with Vertical(id="side"):
                 yield Preview(id="preview")
                 yield StatsPanel(id="stats")
@@ -191,8 +171,12 @@ class OnsightApp(App[None]):
         log_widget.border_title = "narration"
         self._preview = preview = self.query_one(Preview)
         preview.border_title = "preview"
-        preview.display = self._show_preview
+        # Shown or hidden by classes on #main, never inline: the layout's breakpoints
+        # (onsight.tcss) must still apply.
+        self.query_one("#main").set_class(not self._show_preview, "-hide-preview")
         self.query_one(StatsPanel).border_title = "stats"
+        if self._signals is not None:
+            self._signals.install()
         question = self.query_one("#question", Input)
         question.cursor_blink = False  # deterministic screenshots; calmer over SSH
         log_widget.focus()  # so single-key bindings work until the user asks something
@@ -204,7 +188,7 @@ class OnsightApp(App[None]):
     def _start(self) -> None:
         if self._stop.is_set():
             return
-        self.narration_done = False
+        self.narration_done = self._source_ended = False
         self._idle.clear()
         self._narrate()
 
@@ -257,34 +241,19 @@ class OnsightApp(App[None]):
                         return
                 if self._stop.is_set():
                     return
-                self._record(event)
-                self.post_message(_message_for(event))
+                self._recorder.record(event)
+                self.post_message(message_for(event))
         finally:
             close = getattr(events, "close", None)
             if close is not None:
                 close()  # runs narrate()'s finally: the pipeline and the source shut down
-
-    def _record(self, event: Event) -> None:
-        """Transcript and in-memory copy, in the worker (fsync is blocking I/O)."""
-        if isinstance(event, StatsEvent):
-            if event.frames_processed - self._stats_logged_at < TRANSCRIPT_STATS_EVERY:
-                return
-            self._stats_logged_at = event.frames_processed
-        line = event.to_json()
-        with self._lines_lock:
-            self._lines.append(line)
-        if self._transcript is not None:
-            try:
-                self._transcript.append(line)
-            except (OSError, ValueError, OnsightError) as e:  # disk full, closed: narrate on
-                log.warning("transcript write failed: %s", e)
 
     def _fail(self, stage: str, error: BaseException, spec: str) -> None:
         if self._stop.is_set():
             return  # errors while shutting down are expected (closed source, closed engine)
         text = str(error) or repr(error)
         code = error.exit_code if isinstance(error, OnsightError) else 1
-        offer = stage == "source" and self._demo_video is not None and _is_camera(spec)
+        offer = stage == "source" and self._demo_video is not None and is_camera(spec)
         self.post_message(NarrationFailed(stage, text, code, offer))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ messages
@@ -296,6 +265,9 @@ class OnsightApp(App[None]):
     @on(EngineLoaded)
     def _on_engine_loaded(self, message: EngineLoaded) -> None:
         self.query_one(StatsPanel).set_engine(message.info)
+        budget = question_budget(self._engine) if self._engine is not None else None
+        if budget is not None:
+            self.query_one(QuestionInput).set_budget(*budget)
 
     @on(SourceOpened)
     def _on_source_opened(self, message: SourceOpened) -> None:
@@ -314,7 +286,11 @@ class OnsightApp(App[None]):
     @on(SourceChanged)
     def _on_source_changed(self, message: SourceChanged) -> None:
         ev = message.event
-        self.query_one(NarrationLog).add_source(self.stream_time, ev)
+        self._source_ended = self._source_ended or ev.status == "ended"
+        # In-stream: the model's place in the stream (the tap runs a few frames ahead), but
+        # after "ended" every frame has been seen.
+        stamp = self._now() if ev.status == "ended" else self.stream_time
+        self.query_one(NarrationLog).add_source(stamp, ev)
         stats = self.query_one(StatsPanel)
         stats.set_source(stats.source, ev.status)
         if ev.status == "failed":  # a live source gave up reconnecting
@@ -323,6 +299,7 @@ class OnsightApp(App[None]):
     @on(StatsUpdated)
     def _on_stats(self, message: StatsUpdated) -> None:
         self.query_one(StatsPanel).set_stats(message.event)
+        self._show_summary()
 
     @on(Warned)
     def _on_warned(self, message: Warned) -> None:
@@ -331,6 +308,12 @@ class OnsightApp(App[None]):
     @on(NarrationStopped)
     def _on_stopped(self, _: NarrationStopped) -> None:
         self.narration_done = True
+        self.query_one(StatsPanel).clear_rates()
+        self.refresh_bindings()  # nothing left to pause
+        if self._source_ended and not self._quitting:
+            self.query_one(NarrationLog).add_note(
+                self._now(), "/ asks about what was seen, q quits"
+            )
 
     @on(NarrationFailed)
     def _on_failed(self, message: NarrationFailed) -> None:
@@ -342,7 +325,7 @@ class OnsightApp(App[None]):
         saved = [p for p in (message.image, message.transcript) if p is not None]
         where = saved[0].resolve().parent if saved else None
         names = ", ".join(p.name for p in saved)
-        self.query_one(NarrationLog).add_note(self.stream_time, f"saved {names} in {where}")
+        self.query_one(NarrationLog).add_note(self._now(), f"saved {names} in {where}")
 
     @on(SnapshotFailed)
     def _on_snapshot_failed(self, message: SnapshotFailed) -> None:
@@ -355,7 +338,12 @@ class OnsightApp(App[None]):
             "bundle": "cannot load the engine",
             "source": "cannot read the source",
         }.get(stage, "narration stopped")
-        self.query_one(NarrationLog).add_warning(self.stream_time, f"{title}: {text}")
+        stats = self.query_one(StatsPanel)
+        if stage == "bundle":
+            stats.set_engine_failed()
+        elif stage == "source":
+            stats.set_source(stats.source, "failed")
+        self.query_one(NarrationLog).add_warning(self._now(), f"{title}: {text}")
         self._exit_code = code
 
         def chosen(choice: str | None) -> None:
@@ -392,72 +380,131 @@ class OnsightApp(App[None]):
 
     # ------------------------------------------------------------------------------ actions
 
-    def action_toggle_pause(self) -> None:
-        self.paused = not self.paused
-        if self.paused:
+    def action_pause(self, paused: bool) -> None:
+        self.paused = paused
+        if paused:
             self._flowing.clear()
         else:
             self._flowing.set()
-        self.query_one(StatsPanel).set_paused(self.paused)
-        log_widget = self.query_one(NarrationLog)
-        log_widget.border_subtitle = "paused" if self.paused else ""
-        log_widget.add_note(self.stream_time, "paused" if self.paused else "resumed")
+        self.query_one(StatsPanel).set_paused(paused)
+        self.query_one(NarrationLog).add_note(self._now(), "paused" if paused else "resumed")
+        self._show_summary()
+        self.refresh_bindings()  # the footer swaps Pause and Resume
 
     def action_toggle_preview(self) -> None:
-        preview = self.query_one(Preview)
-        preview.display = not preview.display
-        if preview.display:
-            self._refresh_preview()
+        main = self.query_one("#main")
+        if self.screen.has_class("-narrow"):
+            # No room beside the log: the preview and stats take its place, and back.
+            main.toggle_class("-side-view")
+            main.remove_class("-hide-preview")
+        else:
+            main.toggle_class("-hide-preview")
+        self._refresh_preview()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "ask" and isinstance(self.focused, Input):
             return False  # typing "/" or "?" in the question box types it
+        if action == "type_to_ask":
+            return isinstance(self.focused, NarrationLog)  # elsewhere the key is just the key
+        if action == "pause":  # one of Pause / Resume shows, never both
+            if parameters == (True,) and self.narration_done and not self.paused:
+                return None  # shown dimmed: the stream is over, there is nothing to pause
+            return self.paused != parameters[0]
         return True
 
     def action_ask(self) -> None:
+        self.query_one("#main").remove_class("-side-view")  # the box is beside the log
         # set_focus now, not Widget.focus() (which defers): keys typed right after "/" are
         # already queued and must land in the box, not trigger p/s/q on the log.
-        self.screen.set_focus(self.query_one("#question", Input))
+        self.screen.set_focus(self.query_one(QuestionInput))
+
+    def action_type_to_ask(self, char: str) -> None:
+        self.action_ask()
+        self.query_one(QuestionInput).insert_text_at_cursor(char)
+
+    def action_leave_question(self) -> None:
+        self.screen.set_focus(self.query_one(NarrationLog))  # so p/v/s/q work again
 
     @on(Input.Submitted, "#question")
     def _on_question(self, event: Input.Submitted) -> None:
         question = event.value.strip()
         if not question:
+            event.input.value = ""
+            self.action_leave_question()  # "/" then Enter: nothing to ask, back to the log
             return
         engine = self._engine
         after_end = self.narration_done  # no frame will come: answer from what was seen
         if engine is None or (after_end and not hasattr(engine, "answer_now")):
-            self.notify("the engine is not narrating; nothing to answer with", severity="warning")
+            why = "not loaded yet" if engine is None and not after_end else "not narrating"
+            self.notify(f"the engine is {why}; ask again once frames show", severity="warning")
             return
         log_widget = self.query_one(NarrationLog)
         try:
             engine.ask(question)  # a deque append: answered after the next processed frame
         except OnsightError as e:
-            self.notify(str(e), severity="error")  # the box keeps the text to shorten
-            log_widget.add_warning(self.stream_time, f"question not asked: {e}")
+            # One line in the log says why; the box keeps the text to shorten.
+            log_widget.add_warning(self._now(), f"question not asked: {e}")
             return
         event.input.value = ""
-        log_widget.add_question(self.stream_time, question)
-        if after_end:
-            threading.Thread(target=self._answer_now, args=(engine,), daemon=True).start()
+        log_widget.add_question(self._now(), question)
+        if (after_end or self.paused) and hasattr(engine, "answer_now"):
+            self._answer_now(engine)  # from what the KV cache holds, without a new frame
         elif self.paused:
-            log_widget.add_note(self.stream_time, "answered when you resume (p)")
-        self.screen.set_focus(log_widget)  # back to the log so p/v/s/q work again
+            log_widget.add_note(self._now(), "answered when you resume (p)")
+        self.action_leave_question()
 
+    @work(thread=True, exclusive=True, exit_on_error=False, group="answer")
     def _answer_now(self, engine: Engine) -> None:
-        """After the source ended: the questions answered from the KV cache (a thread)."""
+        """Paused, or the source ended: the questions answered from the KV cache."""
         try:
             events = engine.answer_now()  # type: ignore[attr-defined]
         except OnsightError as e:
             self.post_message(Warned(f"could not answer: {e}"))
             return
+        if not events:  # no frame processed yet: the question waits for the first one
+            self.post_message(Status("nothing seen yet: answered after the next frame"))
         for event in events:
-            self._record(event)
-            self.post_message(_message_for(event))
+            self._recorder.record(event)
+            self.post_message(message_for(event))
 
     def key_escape(self) -> None:
-        if isinstance(self.focused, Input):
-            self.query_one(NarrationLog).focus()
+        self.query_one("#main").remove_class("-side-view")
+
+    def action_interrupt(self) -> None:
+        """Ctrl-C: copy the selection if there is one, else quit as q does."""
+        focused = self.focused
+        selected = focused.selected_text if isinstance(focused, Input) else None
+        selected = selected or self.screen.get_selected_text()
+        if selected:
+            self.copy_to_clipboard(selected)
+        else:
+            self._begin_shutdown()
+
+    @on(Terminated)
+    def _on_terminated(self, message: Terminated) -> None:
+        self._exit_code = message.exit_code
+        self._begin_shutdown()
+
+    def _now(self) -> float | None:
+        """Stream time for what the user does (pause, save, ask): the frame they see, the
+        newest in the preview or an event, not the last line said (silence can be long)."""
+        frame = self._tap.latest if self._tap is not None else None
+        times = [t for t in (self.stream_time, frame and frame.timestamp) if t is not None]
+        return max(times, default=None)
+
+    def _show_summary(self, size: Size | None = None) -> None:
+        """The stats panel's one-line summary on the log's border while the panel is hidden
+        (a narrow or short terminal, as the breakpoints in the .tcss decide), after "paused"."""
+        width, height = size or self.size
+        narrow = width < NARROW_BELOW
+        summary = self.query_one(StatsPanel).summary() if narrow or height < SHORT_BELOW else ""
+        parts = (["paused"] if self.paused else []) + ([summary] if summary else [])
+        self.query_one(NarrationLog).border_subtitle = " · ".join(parts)
+        self.query_one(Preview).border_subtitle = " · ".join(parts)  # v's view, when narrow
+        self.query_one(Footer).compact = narrow
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._show_summary(event.size)
 
     def action_save_snapshot(self) -> None:
         tap = self._tap
@@ -465,22 +512,12 @@ class OnsightApp(App[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="save")
     def _save(self, frame: Frame | None) -> None:
-        stem = time.strftime("onsight-%Y%m%d-%H%M%S")
         try:
-            self._save_dir.mkdir(parents=True, exist_ok=True)
-            image_path: Path | None = None
-            if frame is not None:
-                image_path = self._save_dir / f"{stem}.png"
-                bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)  # imwrite expects BGR
-                if not cv2.imwrite(str(image_path), bgr):
-                    raise OSError(f"OpenCV could not write {image_path}")
-            text_path = self._save_dir / f"{stem}.jsonl"
-            lines = self.transcript_lines
-            write_text_atomic(text_path, "".join(line + "\n" for line in lines))
+            image, text = self._recorder.save(self._save_dir, frame)
         except (OSError, OnsightError) as e:
             self.post_message(SnapshotFailed(f"{e}; check {self._save_dir} is writable"))
             return
-        self.post_message(SnapshotSaved(image_path, text_path))
+        self.post_message(SnapshotSaved(image, text))
 
     async def action_quit(self) -> None:
         self._begin_shutdown()
@@ -489,7 +526,7 @@ class OnsightApp(App[None]):
         if self._quitting:
             return
         self._quitting = True
-        self.query_one(NarrationLog).add_note(self.stream_time, "closing ...")
+        self.query_one(NarrationLog).add_note(self._now(), "closing ...")
         self._close_down()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="shutdown")
@@ -515,11 +552,12 @@ class OnsightApp(App[None]):
                     engine.close()
                 except Exception:
                     log.exception("closing the engine failed")
-            if self._transcript is not None:
-                self._transcript.close()
+            self._recorder.close()
             self._released.set()
 
     def on_unmount(self) -> None:
+        if self._signals is not None:
+            self._signals.uninstall()
         # Exit without the quit action (a test harness, a crash): release in the background
         # so the event loop is not held up by a camera's close.
         if not self._released.is_set():
@@ -528,26 +566,4 @@ class OnsightApp(App[None]):
     @property
     def transcript_lines(self) -> list[str]:
         """The events so far as JSON lines (what s saves)."""
-        with self._lines_lock:
-            return list(self._lines)
-
-
-def _message_for(event: Event):
-    if isinstance(event, NarrationEvent):
-        return Narrated(event)
-    if isinstance(event, AnswerEvent):
-        return Answered(event)
-    if isinstance(event, SourceEvent):
-        return SourceChanged(event)
-    if isinstance(event, StatsEvent):
-        return StatsUpdated(event)
-    if isinstance(event, WarningEvent):
-        return Warned(event.message)
-    return Warned(f"unknown event {event.kind}")
-
-
-def _is_camera(spec: str) -> bool:
-    try:
-        return classify_spec(spec)[0] is SourceKind.CAMERA
-    except SourceError:
-        return False
+        return self._recorder.lines

@@ -7,7 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from onsight.runtime.capture import Source
+from onsight.runtime.capture import Source, SourceKind, classify_spec
+from onsight.runtime.errors import SourceError
 from onsight.runtime.events import Event, SourceEvent, StatsEvent
 from onsight.runtime.frames import Frame
 
@@ -17,7 +18,10 @@ GATE_POLL_S = 0.1  # a paused thread re-checks for shutdown this often
 
 
 class Engine(Protocol):
-    """What the app needs from an engine: the Assistant's verbs (tests pass a fake)."""
+    """What the app needs from an engine: the Assistant's verbs (tests pass a fake).
+
+    Used when present: `answer_now()` (questions while paused or after the end),
+    `max_question_tokens()` with `tokens.encode` (the question box's token count)."""
 
     def narrate(self, source: Any, max_frames: int | None = None) -> Iterator[Event]: ...
 
@@ -29,6 +33,22 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[], Engine]
+
+
+def question_budget(engine: Engine) -> tuple[Callable[[str], int], int] | None:
+    """(count tokens of a question, the most ask() takes) when the engine says (the
+    Assistant's `tokens.encode` and `max_question_tokens()`); None for one that does not."""
+    encode = getattr(getattr(engine, "tokens", None), "encode", None)
+    limit = getattr(engine, "max_question_tokens", None)
+    if not callable(encode) or not callable(limit):
+        return None
+    try:
+        budget = int(limit())
+    except Exception:
+        return None
+    return (lambda text: len(encode(text))), budget
+
+
 SourceOpener = Callable[[str, "float | None"], Source]  # (spec, fps) -> an open Source
 
 
@@ -53,6 +73,14 @@ def describe_engine(engine: Engine, fps: float | None) -> EngineInfo:
         keep_ratio=float(keep) if keep is not None else None,
         fps=fps,
     )
+
+
+def is_camera(spec: str) -> bool:
+    """Whether `spec` names a camera (a missing one gets the demo video offered instead)."""
+    try:
+        return classify_spec(spec)[0] is SourceKind.CAMERA
+    except SourceError:
+        return False
 
 
 class TappedSource(Source):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import os
 import sys
@@ -10,11 +11,36 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 from onsight.runtime.cli import POSITIVE, POSITIVE_INT, SOURCE_HELP
 from onsight.runtime.errors import OnsightError
 
 log = logging.getLogger(__name__)
+
+DUMB_TERMS = ("dumb", "unknown")
+
+
+def terminal_problem(term: str, stdout: TextIO | None) -> str | None:
+    """Why this terminal cannot show the app, or None. A terminal without cursor addressing
+    (TERM=dumb: Emacs' M-x shell, a serial console) or an output encoding that is not UTF-8
+    (LANG=C with PYTHONUTF8=0, a Latin-1 locale) draws garbage: say so instead, and how."""
+    if term in DUMB_TERMS:
+        return (
+            f"onsight run needs a terminal that can draw a full screen (TERM={term!r} cannot);"
+            " set TERM=xterm-256color if yours can, or use `onsight narrate --source ...`"
+        )
+    encoding = getattr(stdout, "encoding", None) or "utf-8"
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    if not utf8:
+        return (
+            f"onsight run draws with Unicode but the terminal's encoding is {encoding}; run it "
+            "with LANG=C.UTF-8 (or PYTHONUTF8=1), or use `onsight narrate --source ...`"
+        )
+    return None
 
 
 def ensure_demo_video() -> Path:
@@ -141,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise OnsightError(
             "onsight run needs a terminal; for pipes and scripts use `onsight narrate`"
         )
+    problem = terminal_problem(os.environ.get("TERM", ""), sys.__stdout__)
+    if problem:
+        raise OnsightError(problem)
     from onsight.runtime.assistant import Assistant, AssistantConfig
     from onsight.runtime.capture import open_source
     from onsight.runtime.synthetic.cli import cache_dir, resolve_source
@@ -166,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_dir=Path(args.save_dir),
         demo_video=ensure_demo_video,
         use_demo=args.demo,
+        handle_signals=True,  # kill / a dropped SSH session: close down and restore the tty
     )
     # Textual sizes the screen with shutil.get_terminal_size(), which trusts COLUMNS/LINES
     # over the terminal: a shell that exported them would pin the layout and the preview to

@@ -12,7 +12,14 @@ from typing import Literal
 
 from textual.message import Message
 
-from onsight.runtime.events import AnswerEvent, NarrationEvent, SourceEvent, StatsEvent
+from onsight.runtime.events import (
+    AnswerEvent,
+    Event,
+    NarrationEvent,
+    SourceEvent,
+    StatsEvent,
+    WarningEvent,
+)
 
 FailureStage = Literal["bundle", "source", "engine"]
 
@@ -89,6 +96,13 @@ class NarrationStopped(Message):
 
 
 @dataclass(eq=False)
+class Terminated(Message):
+    """SIGTERM or SIGHUP: engine, source and transcript are closed; exit with this code."""
+
+    exit_code: int
+
+
+@dataclass(eq=False)
 class SnapshotSaved(Message):
     image: Path | None  # None when no frame had arrived yet
     transcript: Path
@@ -97,3 +111,18 @@ class SnapshotSaved(Message):
 @dataclass(eq=False)
 class SnapshotFailed(Message):
     text: str
+
+
+def message_for(event: Event) -> Message:
+    """The message a runtime event becomes on its way to the screen."""
+    if isinstance(event, NarrationEvent):
+        return Narrated(event)
+    if isinstance(event, AnswerEvent):
+        return Answered(event)
+    if isinstance(event, SourceEvent):
+        return SourceChanged(event)
+    if isinstance(event, StatsEvent):
+        return StatsUpdated(event)
+    if isinstance(event, WarningEvent):
+        return Warned(event.message)
+    return Warned(f"unknown event {event.kind}")

@@ -16,6 +16,9 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 HALF_BLOCK = "▀"
+# Every segment carries a style, even blank padding: Textual's NO_COLOR (monochrome) filter
+# reads each segment's style and fails on None.
+PLAIN = Style()
 
 
 def _color(rgb: int) -> Color:
@@ -39,15 +42,15 @@ def half_block_rows(image: np.ndarray, cols: int, rows: int) -> list[list[Segmen
     """Segments for each cell row: the image resized (aspect kept) and centred in cols x rows."""
     w, h = fit_size(image.shape[1], image.shape[0], cols, rows)
     if w == 0:
-        return [[Segment(" " * cols)] for _ in range(rows)]
+        return [[Segment(" " * cols, PLAIN)] for _ in range(rows)]
     # INTER_AREA averages instead of sampling, so a 640-px frame shrunk to 80 columns does
     # not shimmer from one frame to the next.
     small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
     left = (cols - w) // 2
     top = (rows - h // 2) // 2
-    pad_left = [Segment(" " * left)] if left else []
-    pad_right = [Segment(" " * (cols - w - left))] if cols - w - left else []
-    blank = [Segment(" " * cols)]
+    pad_left = [Segment(" " * left, PLAIN)] if left else []
+    pad_right = [Segment(" " * (cols - w - left), PLAIN)] if cols - w - left else []
+    blank = [Segment(" " * cols, PLAIN)]
     # One int per cell: upper RGB in the high 24 bits, lower RGB in the low 24 bits, so the
     # per-cell Python loop compares ints and builds one Style per distinct colour pair.
     rgb = small.astype(np.int64)
@@ -102,14 +105,15 @@ class Preview(Widget):
         if key != self._key:
             self._strips = [Strip(segs, cols) for segs in half_block_rows(self._image, cols, rows)]
             self._key = key
-        return self._strips[y] if 0 <= y < len(self._strips) else Strip.blank(cols)
+        return self._strips[y] if 0 <= y < len(self._strips) else Strip.blank(cols, PLAIN)
 
     def _placeholder(self, y: int, cols: int, rows: int) -> Strip:
         if y != rows // 2:
-            return Strip.blank(cols)
+            return Strip.blank(cols, PLAIN)
         text = "waiting for the first frame"[:cols]
         left = (cols - len(text)) // 2
         style = self.get_component_rich_style("preview--placeholder", partial=True)
-        return Strip([Segment(" " * left), Segment(text, style)], cols).adjust_cell_length(cols)
+        segments = [Segment(" " * left, PLAIN), Segment(text, style)]
+        return Strip(segments, cols).adjust_cell_length(cols, PLAIN)
 
     COMPONENT_CLASSES = {"preview--placeholder"}

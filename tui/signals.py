@@ -1,0 +1,70 @@
+"""SIGTERM and SIGHUP (a kill, a dropped SSH session): close down as q does, even when the
+terminal is gone.
+
+The handlers are plain signal handlers, not the event loop's: when the SSH session drops,
+Textual's writer thread dies on the hung-up terminal and the event loop blocks for good on
+its next write, so a handler that waits for the loop never runs and the process hangs,
+holding the camera. Here a thread releases the engine, source and transcript first, then
+asks the app to exit (restoring a terminal that is still there), and if the process is
+still alive after a grace period it leaves without the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+GRACE_S = 3.0  # time for the app to exit on its own (restoring the terminal) after release
+
+
+class ExitOnSignals:
+    """Install in the main thread (signal.signal's rule); uninstall restores the old ones."""
+
+    def __init__(
+        self,
+        release: Callable[[], None],
+        request_exit: Callable[[int], None],
+        *,
+        grace_s: float = GRACE_S,
+        hard_exit: Callable[[int], object] = os._exit,
+    ) -> None:
+        """release: closes engine, source and transcript (any thread, idempotent);
+        request_exit(code): asks the app to exit (thread-safe, returns at once)."""
+        self._release, self._request_exit = release, request_exit
+        self.grace_s, self.hard_exit = grace_s, hard_exit
+        self._previous: dict[int, object] = {}
+        self._fired = threading.Event()
+
+    def install(self) -> None:
+        for sig in EXIT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        if self._fired.is_set():
+            return
+        self._fired.set()
+        code = 128 + signum  # the shell's convention for "ended by a signal"
+        threading.Thread(target=self._run, args=(code,), name="onsight signal", daemon=True).start()
+
+    def _run(self, code: int) -> None:
+        try:
+            self._release()
+        except Exception:
+            log.exception("closing down after a signal failed")
+        self._request_exit(code)
+        time.sleep(self.grace_s)
+        # Still running: the event loop is stuck on a terminal that hung up. Everything that
+        # needs closing is closed; leave without it.
+        self.hard_exit(code)
