@@ -39,7 +39,6 @@ from onsight.exporter.bench_build import (
 from onsight.runtime.bundle import Bundle, load_bundle
 from onsight.runtime.cli import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from onsight.runtime.errors import OnsightError
-from onsight.runtime.info import check_bundle_dir
 from onsight.runtime.stream_loop import TemplateIds
 from onsight.runtime.template import build_template_ids
 
@@ -258,7 +257,6 @@ def parse_args(argv: list[str]) -> BenchOptions:
     p.add_argument("--quick", action="store_true", help="a smoke run: few iterations and frames")
     a = p.parse_args(argv)
     if a.engine:
-        check_bundle_dir(a.engine)
         load_bundle(a.engine, verify=False)  # a wrong --engine is refused before any building
     for flag, d in (("--out", a.out), ("--cache-dir", a.cache_dir)):
         _check_writable_dir(flag, d)

@@ -22,8 +22,6 @@ from onsight.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-# The files of a release (without tokenizer.json the base's is used, as VideoLLM-online does).
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json")
 IS_BASE = "is --base the model this adapter was trained on (Meta-Llama-3-8B-Instruct)?"
 PREFIX = "base_model.model."  # peft's prefix of every saved key
 # LiveLlama's connector, Linear -> GELU -> Linear (nn.Sequential), saved by modules_to_save

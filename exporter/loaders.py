@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 from onsight.exporter.ckpt_adapter import (
-    ADAPTER_FILES,
-    IS_BASE,
     adapter_tokenizer,
     check_adapter,
     merge_adapter,
@@ -35,7 +33,6 @@ from onsight.exporter.ckpt_llm import (
     vocab_rows,
 )
 from onsight.exporter.ckpt_parts import (
-    MOD_KEEP_RATIO,
     expert_mod,
     projector_names,
     read_experts,
@@ -55,13 +52,9 @@ from onsight.runtime.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 FORMATS = ("videollm-online", "compose", "onsight")
-# Names other modules import from here (the loaders' parts live in exporter/ckpt_*.py).
+# The entry points (the loaders' parts live in exporter/ckpt_*.py and are imported from there).
 __all__ = [
-    "ADAPTER_FILES",
     "FORMATS",
-    "IS_BASE",
-    "MOD_KEEP_RATIO",
-    "PathLike",
     "detect_format",
     "load_checkpoint",
     "load_compose",

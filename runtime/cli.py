@@ -131,9 +131,9 @@ def cmd_build(a: argparse.Namespace) -> int:
             f"--precision {a.precision} is for --backend tensorrt; onnxruntime graphs keep the "
             "bundle's precision (re-export with --dtype fp16) or use --quantize int8"
         )
-    from onsight.runtime.info import check_bundle_dir
+    from onsight.runtime.bundle import check_bundle_dir
 
-    check_bundle_dir(a.bundle)
+    check_bundle_dir(a.bundle)  # before any building or importing the exporter
     a.precision = a.precision or "fp16"
     if a.calibrate_only or a.calibration_video:
         if a.backend != "tensorrt" or a.precision != "int8":
@@ -175,10 +175,8 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 def cmd_narrate(a: argparse.Namespace) -> int:
     from onsight.runtime.assistant import Assistant, AssistantConfig
-    from onsight.runtime.info import check_bundle_dir
     from onsight.runtime.transcript import Transcript
 
-    check_bundle_dir(a.engine)
     cfg = AssistantConfig(
         backend=a.backend,
         fps=a.fps,
@@ -226,10 +224,8 @@ def check_demo_bundle(engine: str) -> None:
     """Refuse a bundle whose model was not trained by `onsight train-demo` (another prompt)."""
     from onsight.exporter.demo.tokenizer import DEMO_SYSTEM_PROMPT
     from onsight.runtime.bundle import load_bundle
-    from onsight.runtime.info import check_bundle_dir
 
-    check_bundle_dir(engine)
-    b = load_bundle(engine, verify=False)
+    b = load_bundle(engine, verify=False)  # refuses a file or checkpoint given as the bundle
     if b.template.get("system_prompt") != DEMO_SYSTEM_PROMPT:
         raise OnsightError(
             f"onsight eval scores the demo model's synthetic world, and {b.path} is not a demo "

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from onsight.runtime.bundle import check_bundle_dir, load_bundle
-
-__all__ = ["check_bundle_dir", "describe", "summary"]
+from onsight.runtime.bundle import load_bundle
 
 
 def _mb(n: float) -> str:
@@ -15,7 +13,6 @@ def _mb(n: float) -> str:
 
 
 def summary(path: str | Path, budget_mb: float = 1024.0) -> dict:
-    check_bundle_dir(path)
     b = load_bundle(path)
     m, lay = b.manifest, b.layout
     budget = int(budget_mb * 2**20)

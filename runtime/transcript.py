@@ -11,7 +11,9 @@ from onsight.runtime.errors import OnsightError
 
 log = logging.getLogger(__name__)
 
-TAIL_BYTES = 1 << 16  # how much of an existing file is read to check it is a transcript
+TAIL_BYTES = 1 << 16  # how much of an existing file is read first to check it is a transcript
+MAX_TAIL_BYTES = 1 << 24  # ... and at most, looking for the start of a long last line
+EVENT_START = b'{"type": "'  # how every line Event.to_json writes begins
 
 
 def _is_event(line: bytes) -> bool:
@@ -20,6 +22,20 @@ def _is_event(line: bytes) -> bool:
         return isinstance(json.loads(line.decode("utf-8")), dict)
     except (UnicodeDecodeError, ValueError):
         return False
+
+
+def _read_tail(path: Path, size: int) -> tuple[bytes, bool]:
+    """The end of the file, long enough to hold a whole line before the last one (an event
+    can outgrow TAIL_BYTES); True if it starts mid-file, so its first line is partial."""
+    n = TAIL_BYTES
+    with open(path, "rb") as f:
+        while True:
+            start = max(0, size - n)
+            f.seek(start)
+            tail = f.read()
+            if start == 0 or tail.count(b"\n") >= 2 or n >= MAX_TAIL_BYTES:
+                return tail, start > 0
+            n *= 4
 
 
 class Transcript:
@@ -50,16 +66,19 @@ class Transcript:
         size = self.path.stat().st_size if self.path.is_file() else 0
         if size == 0:
             return False
-        with open(self.path, "rb") as f:
-            f.seek(max(0, size - TAIL_BYTES))
-            tail = f.read()
+        tail, mid_file = _read_tail(self.path, size)
         if not tail.strip():
             return False
         *complete, rest = tail.split(b"\n")  # rest: what follows the last newline
-        if size > TAIL_BYTES:
+        if mid_file:
             complete = complete[1:]  # the first may start mid-line
         last = next((x for x in reversed(complete) if x.strip()), None)
-        if not _is_event(rest if last is None else last):
+        if last is not None:
+            ours = _is_event(last)
+        else:  # one line in all: whole, or the first event of a run killed while writing it
+            head = rest.lstrip()[: len(EVENT_START)]
+            ours = _is_event(rest) or (not mid_file and EVENT_START.startswith(head))
+        if not ours:
             raise OnsightError(
                 f"cannot append to {self.path}: it is not an onsight transcript (JSON lines); "
                 "choose another --transcript path"

@@ -123,6 +123,15 @@ def test_eval_refuses_a_bundle_not_trained_by_train_demo(tmp_path, capsys):
     assert time.perf_counter() - t < 30  # refused up front, not after narrating streams
 
 
+def test_eval_accepts_the_demo_bundle_by_path_and_by_default_from_anywhere(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from onsight.runtime.cli import check_demo_bundle
+
+    check_demo_bundle(str(DEMO))
+    monkeypatch.chdir(tmp_path)  # eval's default --engine engines/demo, outside the checkout
+    check_demo_bundle("engines/demo")
+
+
 def test_eval_on_a_checkpoint_dir_says_export_it_first(capsys):
     pytest.importorskip("torch")
     err = refused(capsys, ["eval", "--engine", str(DEMO_CKPT)])
@@ -154,6 +163,35 @@ def test_transcript_keeps_a_whole_last_line_that_lacks_its_newline(tmp_path):
         t.append('{"type": "stats"}')
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["type"] for x in lines] == ["source", "narration", "stats"]
+
+
+def test_transcript_keeps_a_last_line_longer_than_the_tail_it_reads_first(tmp_path):
+    """Only the last 64 KiB were read: a longer last event (a long answer) had no line
+    start in them and the transcript was refused as not JSON lines."""
+    from onsight.runtime.transcript import TAIL_BYTES
+
+    path = tmp_path / "out.jsonl"
+    long = json.dumps({"type": "answer", "text": "a" * (2 * TAIL_BYTES)})
+    path.write_text('{"type": "source"}\n' + long + "\n")
+    with Transcript(path) as t:
+        t.append('{"type": "stats"}')
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["type"] for x in lines] == ["source", "answer", "stats"]
+
+
+def test_transcript_drops_a_cut_short_first_line(tmp_path):
+    """A run killed while writing its first event left one half line, which was refused as
+    not a transcript; a half line that is no event of ours still is."""
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"type": "sou')
+    with Transcript(path) as t:
+        t.append('{"type": "stats"}')
+    assert [json.loads(x)["type"] for x in path.read_text().splitlines()] == ["stats"]
+    other = tmp_path / "other.txt"
+    other.write_text('{"name": "not ours')
+    with pytest.raises(OnsightError, match="not an onsight transcript"):
+        Transcript(other)
+    assert other.read_text() == '{"name": "not ours'
 
 
 @pytest.mark.timeout(120)

@@ -332,6 +332,29 @@ async def test_the_error_screen_has_its_own_footer_and_the_stats_say_failed():
 
 
 @run_async
+async def test_slash_on_the_error_screen_leaves_its_keys_working():
+    """Pressing "/" (a priority binding) moved focus to the question box hidden under the error
+    screen: what was typed went there unseen, and r no longer retried."""
+    opened: list[str] = []
+
+    def open_source(spec: str, fps):
+        opened.append(spec)
+        if len(opened) == 1:
+            raise SourceError("video file clip.mp4 not found")
+        return ScriptedSource(2)
+
+    app = OnsightApp(lambda: FakeEngine(), "clip.mp4", open_source=open_source)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.screen.query("#retry"))
+        await pilot.press("slash", "question_mark", "r")
+        await wait_for(pilot, lambda: len(log_of(app).plain("narration")) == 2)
+        assert not isinstance(app.screen, ErrorScreen)
+        assert app.query_one(QuestionInput).value == ""
+        await pilot.press("q")
+    assert len(opened) == 2
+
+
+@run_async
 async def test_stats_panel_says_what_its_numbers_are():
     app = make_app(count=8, period=0.0)
     async with app.run_test(size=(120, 40)) as pilot:

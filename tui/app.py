@@ -402,6 +402,8 @@ class OnsightApp(App[None]):
         self._refresh_preview()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("ask", "type_to_ask") and isinstance(self.screen, ErrorScreen):
+            return False  # the box is on the screen beneath: typing there would be invisible
         if action == "ask" and isinstance(self.focused, Input):
             return False  # typing "/" or "?" in the question box types it
         if action == "type_to_ask":
