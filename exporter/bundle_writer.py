@@ -80,7 +80,11 @@ def check_options(opts: ExportOptions) -> None:
 
 def check_out(out: str | Path) -> Path:
     """Refuse an --out that exists or cannot be created (before minutes of loading)."""
+    if not str(out).strip():
+        raise ExportError("--out is empty; give a new bundle directory, e.g. engines/NAME")
     out = Path(out)
+    if out.is_file():
+        raise ExportError(f"--out {out} is a file; give a new bundle directory, e.g. engines/NAME")
     if out.exists() or out.is_symlink():
         raise ExportError(
             f"output directory {out} already exists; choose another --out or delete it"

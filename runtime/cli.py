@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -85,12 +84,6 @@ def cmd_export(a: argparse.Namespace) -> int:
     )
     if a.kv_capacity is not None:
         opts = dataclasses.replace(opts, kv_capacity=a.kv_capacity)
-    if not a.out.strip():
-        raise OnsightError("--out is empty; give a new bundle directory, e.g. engines/NAME")
-    if os.path.isfile(a.out):
-        raise OnsightError(
-            f"--out {a.out} is a file; give a new bundle directory, e.g. engines/NAME"
-        )
     check_export_args(a.out, opts)  # before loading, which takes minutes for a big model
     print(f"loading {a.source} ...", file=sys.stderr)
     model, tok = load_checkpoint(
