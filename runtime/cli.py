@@ -201,32 +201,6 @@ def cmd_narrate(a: argparse.Namespace) -> int:
 # ---- delegated commands (their modules own their flags) ----
 
 
-def cmd_eval(a: argparse.Namespace) -> int:
-    """`onsight eval`: evaluate's own flags, after refusing a bundle the demo world cannot
-    score (any other model would narrate none of its events: every score 0, slowly)."""
-    _need_exporter()
-    from onsight.exporter.demo import evaluate
-
-    args = evaluate.parse_args(a.rest)
-    if not args.ablations:  # --ablations exports from --checkpoint; --engine sets the cache
-        check_demo_bundle(args.engine)
-    return int(evaluate.main(a.rest) or 0)
-
-
-def check_demo_bundle(engine: str) -> None:
-    """Refuse a bundle whose model was not trained by `onsight train-demo` (another prompt)."""
-    from onsight.exporter.demo.tokenizer import DEMO_SYSTEM_PROMPT
-    from onsight.runtime.bundle import load_bundle
-
-    b = load_bundle(engine, verify=False)  # refuses a file or checkpoint given as the bundle
-    if b.template.get("system_prompt") != DEMO_SYSTEM_PROMPT:
-        raise OnsightError(
-            f"onsight eval scores the demo model's synthetic world, and {b.path} is not a demo "
-            "model (exported from `onsight train-demo`); evaluate engines/demo or a bundle "
-            "exported from a train-demo checkpoint (for other bundles: onsight narrate, bench)"
-        )
-
-
 def _delegate(module: str, needs_torch: bool) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
         if needs_torch:
@@ -390,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=helptext, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=cmd_eval if name == "eval" else _delegate(module, torch_needed))
+        s.set_defaults(func=_delegate(module, torch_needed))
     return p
 
 

@@ -125,7 +125,7 @@ def test_eval_refuses_a_bundle_not_trained_by_train_demo(tmp_path, capsys):
 
 def test_eval_accepts_the_demo_bundle_by_path_and_by_default_from_anywhere(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from onsight.runtime.cli import check_demo_bundle
+    from onsight.exporter.demo.evaluate import check_demo_bundle
 
     check_demo_bundle(str(DEMO))
     monkeypatch.chdir(tmp_path)  # eval's default --engine engines/demo, outside the checkout

@@ -489,10 +489,26 @@ def main_ablations(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_demo_bundle(engine: str | Path) -> None:
+    """Refuse a bundle whose model was not trained by `onsight train-demo` (another prompt):
+    it would narrate none of the world's events, every score 0, slowly."""
+    from onsight.exporter.demo.tokenizer import DEMO_SYSTEM_PROMPT
+    from onsight.runtime.bundle import load_bundle
+
+    b = load_bundle(engine, verify=False)  # refuses a file or checkpoint given as the bundle
+    if b.template.get("system_prompt") != DEMO_SYSTEM_PROMPT:
+        raise OnsightError(
+            f"onsight eval scores the demo model's synthetic world, and {b.path} is not a demo "
+            "model (exported from `onsight train-demo`); evaluate engines/demo or a bundle "
+            "exported from a train-demo checkpoint (for other bundles: onsight narrate, bench)"
+        )
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if args.ablations:
+    if args.ablations:  # exports from --checkpoint; --engine only sets the cache size
         return main_ablations(args)
+    check_demo_bundle(args.engine)
     import sys
 
     from tqdm import tqdm
