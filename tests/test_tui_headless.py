@@ -370,10 +370,6 @@ async def test_stats_panel_says_what_its_numbers_are():
         await pilot.press("q")
 
 
-def test_scripted_source_is_the_one_from_test_tui():
-    assert ScriptedSource(1).count == 1  # keeps the import honest for readers of this file
-
-
 @run_async
 async def test_typing_on_the_log_starts_a_question():
     """After a question, focus is back on the log; the next one typed straight away used to
