@@ -522,7 +522,8 @@ def test_long_run_scores_the_last_window_against_a_fresh_start():
         (["--ablations", "--qdq"], "leave it out with --ablations"),
         (["--ablations", "--twin", "no-such-dir"], "not a native checkpoint"),
         (["--mover-questions", "1.5"], "a chance from 0 to 1"),
-        (["--ablations", "--mover-questions", "0.3"], "probes one bundle"),
+        (["--onset-questions", "2"], "--onset-questions 2.0: a chance from 0 to 1"),
+        (["--ablations", "--mover-questions", "0.3"], "probe one bundle"),
     ],
 )
 def test_eval_refuses_bad_flags_saying_what_to_do(argv, said, capsys):

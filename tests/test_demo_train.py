@@ -329,15 +329,19 @@ def test_mover_questions_reach_the_training_batches(tmp_path):
     from onsight.exporter.demo.train_args import config_from_args, parse_args
     from onsight.runtime.synthetic import generate_stream
 
-    args = parse_args(["--out", str(tmp_path / "r"), "--mover-questions", "0.5"])
+    args = parse_args(
+        ["--out", str(tmp_path / "r"), "--mover-questions", "0.5", "--onset-questions", "1"]
+    )
     cfg = config_from_args(args)
-    assert cfg.mover_questions == 0.5
+    assert (cfg.mover_questions, cfg.onset_questions) == (0.5, 1.0)
     assert TrainConfig.from_json(json.dumps(dataclasses.asdict(cfg))).mover_questions == 0.5
     world = stage_config(2, 0.15, cfg.mover_questions)
     asked = [q.text for seed in range(6) for q in generate_stream(seed, 24, world).questions]
     assert "what colour is the moving object?" in asked
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path / "r"), "--mover-questions", "2"])
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "r"), "--onset-questions", "-1"])
 
 
 def test_warm_start_with_other_routed_layers(tmp_path):

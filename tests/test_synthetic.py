@@ -276,6 +276,20 @@ def test_mover_questions_name_the_one_moving_object() -> None:
     assert set(q.text for q in asked).isdisjoint(all_questions())  # not in the tokenizer corpus
 
 
+def test_onset_questions_ask_on_the_frame_a_lone_move_starts() -> None:
+    world = replace(WorldConfig(), onset_questions=1.0)
+    s = generate_stream(7, 240, world)
+    asked = {q.frame_index for q in s.questions if q.kind in MOVER_KINDS}
+    onsets = {
+        e.frame_index
+        for e in s.events
+        if e.kind.value == "move" and sum(o.moving for o in s.states[e.frame_index].objects) == 1
+    }
+    assert asked == onsets and len(onsets) >= 3
+    with pytest.raises(ValueError, match="onset_questions"):
+        WorldConfig(onset_questions=-0.1)
+
+
 # ---- metrics ----
 
 

@@ -254,10 +254,15 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     )
 
 
-def stage_config(stage: int, question_prob: float, mover_questions: float = 0.0) -> WorldConfig:
+def stage_config(
+    stage: int, question_prob: float, mover_questions: float = 0.0, onset_questions: float = 0.0
+) -> WorldConfig:
     """The curriculum stage's world, with questions as often as training wants them."""
     return dataclasses.replace(
-        curriculum(stage), question_prob=question_prob, mover_questions=mover_questions
+        curriculum(stage),
+        question_prob=question_prob,
+        mover_questions=mover_questions,
+        onset_questions=onset_questions,
     )
 
 
@@ -273,12 +278,13 @@ class BatchSource:
     num_frames: int = 32  # frames per stream
     question_prob: float = 0.15  # chance a frame carries a question
     mover_questions: float = 0.0  # chance of "the moving object?" questions (WorldConfig)
+    onset_questions: float = 0.0  # the same on the frame a move starts (WorldConfig)
     seed: int = 0  # base seed of the training streams
     seed_range: int = 100_000  # training world seeds lie in [0, seed_range); eval uses above
     delay: NarrationDelay = NarrationDelay()  # which narrations come frames after their event
 
     def batch(self, step: int, stage: int) -> Batch:
-        cfg = stage_config(stage, self.question_prob, self.mover_questions)
+        cfg = stage_config(stage, self.question_prob, self.mover_questions, self.onset_questions)
         rng = np.random.default_rng([self.seed, step])
         seeds = rng.integers(0, self.seed_range, self.batch_size)
         examples = [

@@ -213,11 +213,14 @@ def held_out_streams(
     frames: int = 60,
     stage: int = 2,
     mover_questions: float = 0.0,
+    onset_questions: float = 0.0,
 ) -> list[Stream]:
     """The evaluation streams: world seeds from `seed_start`, which training never draws.
     `mover_questions` adds "what colour/shape is the moving object?" questions (a probe of
     finding the mover from text); frames and events do not change with it."""
-    world: WorldConfig = dataclasses.replace(curriculum(stage), mover_questions=mover_questions)
+    world: WorldConfig = dataclasses.replace(
+        curriculum(stage), mover_questions=mover_questions, onset_questions=onset_questions
+    )
     return [generate_stream(seed_start + i, frames, world) for i in range(streams)]
 
 
@@ -270,11 +273,12 @@ def evaluate(
     qdq: bool = False,
     on_stream: Callable[[], None] | None = None,
     mover_questions: float = 0.0,
+    onset_questions: float = 0.0,
 ) -> dict[str, object]:
     """Narrate held-out streams through the bundle and score them; `on_stream` is called
     after each stream is narrated."""
     narrator = BundleNarrator(engine, threads, threshold, qdq)
-    data = held_out_streams(streams, seed_start, frames, stage, mover_questions)
+    data = held_out_streams(streams, seed_start, frames, stage, mover_questions, onset_questions)
     scores, results = score_narrator(narrator, data, window_s, on_stream)
     report: dict[str, object] = {
         "engine": str(engine),
@@ -284,6 +288,7 @@ def evaluate(
         "window_s": window_s,
         "world_stage": stage,
         "mover_questions": mover_questions,
+        "onset_questions": onset_questions,
         **scores,
         **teacher_forced_report(checkpoint, data, narrator.threshold),
         "examples": [
@@ -375,6 +380,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "narration scores only between runs with the same P)",
     )
     p.add_argument(
+        "--onset-questions",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="ask the same at this chance on the frame a move starts, when that object is the "
+        "only one moving (the frame where naming the mover is hardest)",
+    )
+    p.add_argument(
         "--qdq",
         action="store_true",
         help="score the bundle's calibrated Q/DQ graphs (TensorRT int8, from `onsight build "
@@ -417,8 +430,11 @@ def _check_args(args: argparse.Namespace) -> str | None:
         )
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         return f"--threshold {args.threshold}: a speak probability strictly between 0 and 1"
-    if not 0.0 <= args.mover_questions <= 1.0:
-        return f"--mover-questions {args.mover_questions}: a chance from 0 to 1 (e.g. 0.3)"
+    for flag in ("mover_questions", "onset_questions"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            return (
+                f"--{flag.replace('_', '-')} {getattr(args, flag)}: a chance from 0 to 1 (e.g. 0.3)"
+            )
     if args.out is not None:
         problem = _out_problem(Path(args.out))
         if problem:
@@ -430,8 +446,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return None
     if args.qdq:
         return "--qdq scores one bundle; leave it out with --ablations (variants export fp32)"
-    if args.mover_questions:
-        return "--mover-questions probes one bundle; leave it out with --ablations"
+    if args.mover_questions or args.onset_questions:
+        return "--mover-questions and --onset-questions probe one bundle; leave them out with --ablations"
     if args.twin is not None:
         from onsight.exporter.demo.train import is_native_dir
 
@@ -527,6 +543,7 @@ def main(argv: list[str]) -> int:
             args.qdq,
             on_stream=bar.update,
             mover_questions=args.mover_questions,
+            onset_questions=args.onset_questions,
         )
     print(markdown(report))
     if args.out:

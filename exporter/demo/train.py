@@ -136,6 +136,7 @@ def make_source(tokenizer_json: str, tcfg: TrainConfig, tokens_per_frame: int) -
         num_frames=tcfg.num_frames,
         question_prob=tcfg.question_prob,
         mover_questions=tcfg.mover_questions,
+        onset_questions=tcfg.onset_questions,
         seed=tcfg.seed,
         delay=tcfg.delay,
     )

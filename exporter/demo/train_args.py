@@ -103,6 +103,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "text, which naming a move needs (0: off, the shipped recipe)",
     )
     p.add_argument(
+        "--onset-questions",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="chance that the frame a move starts asks the same question, when that object is "
+        "the only one moving (0: off, the shipped recipe)",
+    )
+    p.add_argument(
         "--anneal-keep-ratio",
         type=int,
         default=0,
@@ -203,6 +211,8 @@ def _check_numbers(args: argparse.Namespace) -> str | None:
         return f"--frames {args.frames}: a training stream needs at least 2 frames (default 24)"
     if not args.lr > 0:
         return f"--lr {args.lr}: the learning rate must be positive (e.g. 1e-3)"
+    if not 0.0 <= args.onset_questions <= 1.0:
+        return f"--onset-questions {args.onset_questions}: give a probability from 0 to 1"
     if not 0.0 <= args.mover_questions <= 1.0:
         return (
             f"--mover-questions {args.mover_questions}: give a probability from 0 to 1 (e.g. 0.3)"
@@ -267,6 +277,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         change_layer=args.change_layer,
         name_weight=args.name_weight,
         mover_questions=args.mover_questions,
+        onset_questions=args.onset_questions,
         narration_delay=delay.frames,
         delay_kinds=",".join(delay.kinds),
     )

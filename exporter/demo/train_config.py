@@ -32,6 +32,7 @@ class TrainConfig:
     # chance a training frame in which exactly one object moves asks "what colour/shape is the
     # moving object?" (WorldConfig.mover_questions)
     mover_questions: float = 0.0
+    onset_questions: float = 0.0  # the same on the frame a move starts (WorldConfig)
     stage_fractions: tuple[float, float] = (0.1, 0.3)  # curriculum 0 -> 1 -> 2 boundaries
     keep_ratio: float = 0.2  # MoD keep ratio (1.0: the full-compute twin)
     aux_weight: float = 0.5  # weight of the per-frame scene loss (0: VideoLLM-online's alone)

@@ -40,6 +40,9 @@ class WorldConfig:
     # chance a frame in which exactly one object moves carries "what colour/shape is the
     # moving object?" (instead of a question_prob draw); 0: never, the default world's draws
     mover_questions: float = 0.0
+    # chance the frame a move starts asks the same, when that object is the only one moving:
+    # the frame where binding a new motion to its object is hardest (0: never)
+    onset_questions: float = 0.0
 
     def __post_init__(self) -> None:
         kinds = {EventKind(k) for k in self.event_kinds}  # ValueError on unknown names
@@ -59,6 +62,8 @@ class WorldConfig:
             problems.append("speed_px must be (low, high) with 0 < low <= high < small_px")
         if not 0.0 <= self.mover_questions <= 1.0:
             problems.append("mover_questions must be a probability in [0, 1]")
+        if not 0.0 <= self.onset_questions <= 1.0:
+            problems.append("onset_questions must be a probability in [0, 1]")
         if self.min_event_gap < 1:
             problems.append("min_event_gap must be >= 1")
         if kinds & {EventKind.ENTER, EventKind.MOVE} and not kinds & {

@@ -402,7 +402,7 @@ class _World:
             self.last_event = f
         state = self._state(f)
         image = self.renderer.render(state, self.scene.image, self.scene.shaky)
-        questions = self._ask(state)
+        questions = self._ask(state, events)
         return StreamStep(image, state, tuple(events), questions)
 
     def _state(self, f: int) -> FrameState:
@@ -444,11 +444,13 @@ class _World:
             objects=tuple(objects),
         )
 
-    def _ask(self, state: FrameState) -> tuple[Question, ...]:
+    def _ask(self, state: FrameState, events: list[Event]) -> tuple[Question, ...]:
         rng = self.question_rng
-        if self.cfg.mover_questions > 0:  # off in the default world, whose draws stay as they were
-            movers = mover_questions(state)
-            if movers and rng.random() < self.cfg.mover_questions:
+        # Mover questions are off in the default world, whose draws stay as they were.
+        onset = any(e.kind is EventKind.MOVE for e in events)
+        for p in (self.cfg.onset_questions if onset else 0.0, self.cfg.mover_questions):
+            movers = mover_questions(state) if p > 0 else []
+            if movers and rng.random() < p:
                 return (movers[int(rng.integers(len(movers)))],)
         if rng.random() >= self.cfg.question_prob:
             return ()
