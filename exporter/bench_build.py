@@ -102,16 +102,19 @@ def _export(model, tok: Path, d: Path, r: float, capacity: int, parity: int, rou
 def _copy_bundle(src: Path, dst: Path) -> None:
     """The graphs (with their external data) and the tokenizer, copied (onnx refuses
     hard-linked external data), and a manifest listing just those files."""
-    from onsight.runtime.bundle import write_manifest
+    from onsight.runtime.bundle import DEFAULT_TOKENIZER, write_manifest
 
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     manifest = json.loads((src / "bundle.json").read_text())
+    for built in ("graph_overrides", "int8", "qdq", "tensorrt"):  # their files are not copied
+        manifest.pop(built, None)
     for g in manifest["graphs"].values():
         for name in (g["file"], g["file"] + ".data"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, dst / name)
-    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+    tokenizer = manifest.get("tokenizer", DEFAULT_TOKENIZER)
+    shutil.copyfile(src / tokenizer, dst / tokenizer)
     write_manifest(dst, manifest)
 
 

@@ -7,6 +7,7 @@ into place: an interrupted or failed export never leaves a directory that looks 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import errno
@@ -31,6 +32,8 @@ from onsight.exporter.vision import FrameEncoder
 from onsight.runtime.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
+    DEFAULT_TOKENIZER,
+    RUNTIME_IO,
     write_manifest,
 )
 from onsight.runtime.errors import ExportError, OnsightError
@@ -180,6 +183,7 @@ def _manifest(
         "exporter_version": EXPORTER_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "graphs": graphs,
+        "tokenizer": DEFAULT_TOKENIZER,
         "model": {
             "architecture": cfg.architecture,
             "hidden_size": cfg.llm_hidden,
@@ -229,14 +233,7 @@ def _manifest(
             "bytes_per_frame_mod": layout.bytes_per_frame(mod=True),
             "total_bytes": layout.total_bytes(),
         },
-        "io": {
-            "past_key": "past_key_{layer}",
-            "past_value": "past_value_{layer}",
-            "new_key": "new_key_{layer}",
-            "new_value": "new_value_{layer}",
-            "kept": "kept_{layer}",
-            "masks": {"dense": "dense_mask", "mod": "mod_mask"},
-        },
+        "io": copy.deepcopy(RUNTIME_IO),  # the names onnx_export gives the graphs' IO
         "template": tpl,
         "token_ids": {
             "interval": ids.interval_id,
@@ -352,7 +349,7 @@ def export_bundle(
         export_model = model if dtype == torch.float32 else _copy_to(model, dtype)
         graphs = export_graphs(export_model, layout, tmp, dtype)
         say(f"      graphs written in {time.perf_counter() - t0:.1f} s")
-        shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        shutil.copyfile(tokenizer_json, tmp / DEFAULT_TOKENIZER)
         manifest = _manifest(
             model, Path(tokenizer_json), layout, graphs, opts, opts.name or out.name
         )
@@ -409,6 +406,4 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _copy_to(model: StreamingModel, dtype: torch.dtype) -> StreamingModel:
-    import copy
-
     return copy.deepcopy(model).to(dtype)

@@ -88,24 +88,30 @@ def quantize_bundle(
         result.update(
             weight_type="int8 per-channel dynamic", bytes_fp32=fp32_bytes, bytes_int8=int8_bytes
         )
-        earlier = manifest.pop("graph_overrides", None)
-        if earlier is not None:
-            # an earlier int8 build: delete and unlist its graphs before the new ones move in,
-            # so bundle.json never lists a checksum of a file about to be replaced
-            manifest.pop("int8", None)
-            for name in earlier.values():
-                for f in (name, name + ".data"):
-                    (d / f).unlink(missing_ok=True)
-            write_manifest(d, manifest)
+        # bundle.json never lists a file about to be replaced or deleted: an earlier int8
+        # build's graphs (and any stray file under the new names) are unlisted, then deleted,
+        # then the new graphs move in, and one last write names them with their agreement
+        earlier = manifest.pop("graph_overrides", None) or {}
+        had_int8 = manifest.pop("int8", None) is not None
+        stale = [
+            f
+            for name in {*earlier.values(), *overrides.values()}
+            for f in (name, name + ".data")
+            if (d / f).exists()
+        ]
+        if earlier or had_int8 or stale:
+            write_manifest(d, manifest, unlist=stale)
+            for f in stale:
+                (d / f).unlink()
         for name in overrides.values():
             for f in (name, name + ".data"):
                 if (tmp / f).is_file():
                     shutil.move(str(tmp / f), str(d / f))
+        manifest["graph_overrides"] = overrides
+        manifest["int8"] = result
+        write_manifest(d, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    manifest["graph_overrides"] = overrides
-    manifest["int8"] = result
-    write_manifest(d, manifest)
     say(
         f"      top-1 agreement {result['top1_agreement']:.3f} over {result['steps']} steps; "
         f"graphs {fp32_bytes / 2**20:.1f} -> {int8_bytes / 2**20:.1f} MiB"

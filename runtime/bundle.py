@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,48 @@ from onsight.runtime.errors import BundleError
 from onsight.runtime.files import write_text_atomic
 from onsight.runtime.kv_cache import KVLayout
 from onsight.runtime.kv_policy import EvictionPolicy
+from onsight.runtime.manifest_check import (  # re-exported: the contract's names live here too
+    DEFAULT_TOKENIZER,
+    GRAPHS,
+    RUNTIME_IO,
+    SCHEMA_KEYWORDS,
+    SCHEMA_PATH,
+    bundle_schema,
+    consistency_problems,
+    is_json_type,
+    manifest_problems,
+    named_files,
+    same_json,
+    schema_problems,
+    show_json,
+    unsafe_name,
+)
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_FORMAT_VERSION",
+    "DEFAULT_TOKENIZER",
+    "GRAPHS",
+    "RUNTIME_IO",
+    "SCHEMA_KEYWORDS",
+    "SCHEMA_PATH",
+    "Bundle",
+    "bundle_schema",
+    "check_bundle_dir",
+    "consistency_problems",
+    "load_bundle",
+    "manifest_problems",
+    "resolve_engine",
+    "schema_problems",
+    "sha256_file",
+    "shipped_demo_bundle",
+    "write_manifest",
+]
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "onsight-bundle"
 BUNDLE_FORMAT_VERSION = 1
-GRAPHS = ("vision", "text_step", "frame_step")
 
 
 def sha256_file(path: Path) -> str:
@@ -31,14 +68,48 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(d: Path, manifest: dict[str, Any]) -> None:
-    """bundle.json with fresh checksums of every other file, written atomically."""
-    manifest["files"] = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(d.iterdir())
-        if p.is_file() and p.name != "bundle.json" and not p.name.startswith(".")
+def _fix_for(problem: str, d: Path) -> str:
+    """What brings a bundle back when `problem` lies in a section that a build wrote."""
+    field = problem.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0]
+    if field in ("graph_overrides", "int8"):
+        return f"run `onsight build {d} --backend onnxruntime --quantize int8` again"
+    if field == "qdq":
+        return f"run `onsight build {d} --precision int8 --calibrate-only` again"
+    if field == "tensorrt":
+        return f"run `onsight build {d} --backend tensorrt` again on the GPU that will run it"
+    return "re-export it with `onsight export`"
+
+
+def write_manifest(d: Path, manifest: dict[str, Any], unlist: Collection[str] = ()) -> None:
+    """bundle.json with fresh checksums of every other file (the top-level files and the plans
+    the manifest names), written atomically; refuses a manifest the runtime would refuse.
+    `unlist`: top-level files about to be replaced or deleted, left out (unless named)."""
+    names = {
+        p.name
+        for p in d.iterdir()
+        if p.is_file()
+        and p.name != "bundle.json"
+        and not p.name.startswith(".")
+        and p.name not in unlist
     }
-    write_text_atomic(d / "bundle.json", json.dumps(manifest, indent=2))
+    names |= {n for n in named_files(manifest) if not unsafe_name(n)}
+    missing = sorted(n for n in names if not (d / n).is_file())
+    if missing:
+        raise BundleError(
+            f"cannot write {d / 'bundle.json'}: it names {', '.join(missing)}, which the "
+            "bundle lacks"
+        )
+    manifest["files"] = {
+        n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in sorted(names)
+    }
+    text = json.dumps(manifest, indent=2)
+    problems = manifest_problems(json.loads(text))  # what a reader will see (no tuples)
+    if problems:
+        raise BundleError(
+            f"refusing to write {d / 'bundle.json'}: {'; '.join(problems[:3])} (a bug in "
+            "onsight: please report it)"
+        )
+    write_text_atomic(d / "bundle.json", text)
 
 
 @dataclass(frozen=True)
@@ -81,7 +152,7 @@ class Bundle:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.json"
+        return self.path / self.manifest.get("tokenizer", DEFAULT_TOKENIZER)
 
 
 def _fail(path: Path, what: str, fix: str = "re-export it with `onsight export`") -> BundleError:
@@ -90,14 +161,10 @@ def _fail(path: Path, what: str, fix: str = "re-export it with `onsight export`"
 
 def _refill(d: Path, m: dict, name: str) -> str:
     """How to bring back a bundle file: `onsight build` made the int8, Q/DQ and TensorRT
-    files, `onsight export` the rest."""
-    if name in (m.get("graph_overrides") or {}).values():
-        return f"run `onsight build {d} --backend onnxruntime --quantize int8` again"
-    if name in ((m.get("qdq") or {}).get("graphs") or {}).values():
-        return f"run `onsight build {d} --precision int8 --calibrate-only` again"
-    if name.endswith(".plan"):
-        return f"run `onsight build {d} --backend tensorrt` again on the GPU that will run it"
-    return "re-export it with `onsight export`"
+    files (as the manifest's sections say), `onsight export` the rest."""
+    names = named_files(m)
+    field = names.get(name) or names.get(name.removesuffix(".data"), "")  # external weights
+    return _fix_for(field, d)
 
 
 DEMO_ENGINE = "engines/demo"  # the commands' default --engine
@@ -151,7 +218,9 @@ def check_bundle_dir(path: str | Path) -> None:
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Open a bundle; refuse missing files, checksum mismatches and unknown versions."""
+    """Open a bundle; refuse (with a BundleError that says what to do) other format versions,
+    a bundle.json that breaks bundle.schema.json or contradicts itself, and missing, resized or
+    (with `verify`) modified files."""
     check_bundle_dir(path)
     d = resolve_engine(path)
     if not d.is_dir():
@@ -171,51 +240,76 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise _fail(d, f"bundle.json holds a JSON {type(m).__name__}, not an object")
     if m.get("format") != BUNDLE_FORMAT:
         raise _fail(d, f"bundle.json has format {m.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    version = m.get("format_version")
-    if version != BUNDLE_FORMAT_VERSION:
-        raise _fail(
-            d,
-            f"format version {version!r} is not supported by this onsight (reads "
-            f"{BUNDLE_FORMAT_VERSION})",
-            "re-export it with this version of onsight, or upgrade onsight",
-        )
-    for name, info in m.get("files", {}).items():
+    _check_version(d, m.get("format_version"))
+    problems = manifest_problems(m)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        shown = "; ".join(problems[:3])
+        first = problems[0]
+        files = m.get("files") if isinstance(m.get("files"), dict) else {}
+        # a bad checksum entry: the fix is whatever rewrites that file
+        entry = next((n for n in files if first.startswith(f"files.{n}.")), None)
+        fix = _refill(d, m, entry) if entry else _fix_for(first, d)
+        raise _fail(d, f"bundle.json is malformed: {shown}{more}", fix)
+    for name, info in m["files"].items():
         f = d / name
         if not f.is_file():
             raise _fail(d, f"file {name} listed in bundle.json is missing", _refill(d, m, name))
+        # the size first: a truncated copy is caught even without hashing (verify=False)
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise _fail(
+                d,
+                f"file {name} has {size} bytes, bundle.json says {info['bytes']} (truncated or "
+                "modified)",
+                _refill(d, m, name),
+            )
         if verify and sha256_file(f) != info["sha256"]:
             raise _fail(
-                d, f"file {name} does not match its sha256 in bundle.json (corrupt or modified)"
+                d,
+                f"file {name} does not match its sha256 in bundle.json (corrupt or modified)",
+                _refill(d, m, name),
             )
-    for g in GRAPHS:
-        if g not in m.get("graphs", {}):
-            raise _fail(d, f"bundle.json names no {g} graph")
-    try:
-        kv = m["kv"]
-        layout = KVLayout(
-            num_layers=int(m["model"]["num_layers"]),
-            kv_heads=int(m["model"]["num_kv_heads"]),
-            head_dim=int(m["model"]["head_dim"]),
-            capacity_dense=int(kv["capacity_dense"]),
-            capacity_mod=int(kv["capacity_mod"]),
-            routed=tuple(kv["routed_layers"]),
-            tokens_per_frame=int(m["vision"]["tokens_per_frame"]),
-            k=int(m["mod"]["k"]),
-            dtype=kv["dtype"],
-        )
-        ev = m.get("eviction", {})
-        return Bundle(
-            path=d,
-            manifest=m,
-            layout=layout,
-            inv_freq=np.asarray(m["model"]["rope_inv_freq"], np.float32),
-            routed_layers=tuple(m["mod"]["routed_layers"]),
-            policy=EvictionPolicy(
-                free_fraction=float(ev.get("free_fraction", 0.25)),
-                keep_text_tokens=int(ev.get("keep_text_tokens", 256)),
-            ),
-        )
-    except (KeyError, TypeError, ValueError) as e:
+    kv, model = m["kv"], m["model"]
+    layout = KVLayout(
+        num_layers=int(model["num_layers"]),
+        kv_heads=int(model["num_kv_heads"]),
+        head_dim=int(model["head_dim"]),
+        capacity_dense=int(kv["capacity_dense"]),
+        capacity_mod=int(kv["capacity_mod"]),
+        routed=tuple(int(i) for i in kv["routed_layers"]),
+        tokens_per_frame=int(m["vision"]["tokens_per_frame"]),
+        k=int(m["mod"]["k"]),
+        dtype=kv["dtype"],
+    )
+    ev = m["eviction"]
+    return Bundle(
+        path=d,
+        manifest=m,
+        layout=layout,
+        inv_freq=np.asarray(model["rope_inv_freq"], np.float32),
+        routed_layers=tuple(int(i) for i in m["mod"]["routed_layers"]),
+        policy=EvictionPolicy(
+            free_fraction=float(ev["free_fraction"]),
+            keep_text_tokens=int(ev["keep_text_tokens"]),
+        ),
+    )
+
+
+def _check_version(d: Path, version: Any) -> None:
+    """Refuse any format version but ours, saying which side to upgrade."""
+    if same_json(version, BUNDLE_FORMAT_VERSION):
+        return
+    if is_json_type(version, "integer") and version > BUNDLE_FORMAT_VERSION:
         raise _fail(
-            d, f"bundle.json is missing or has a malformed field ({type(e).__name__}: {e})"
-        ) from e
+            d,
+            f"format version {version} is not supported by this onsight: the bundle was "
+            f"written by a newer onsight (this one reads version {BUNDLE_FORMAT_VERSION})",
+            "upgrade onsight (pip install -U onsight), or re-export the model with this one",
+        )
+    raise _fail(
+        d,
+        f"format version {show_json(version)} is not supported by this onsight (reads "
+        f"{BUNDLE_FORMAT_VERSION})",
+        "re-export it with this version of onsight",
+    )

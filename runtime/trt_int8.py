@@ -15,6 +15,7 @@ reads graphs with it), not TensorRT or torch.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -147,6 +148,27 @@ def qdq_name(graph: str) -> str:
     return f"{graph}.qdq.onnx"
 
 
+def _publish(d: Path, manifest: dict[str, Any], tmp: Path, result: dict[str, Any]) -> None:
+    """Move the Q/DQ graphs from `tmp` into the bundle and name them in bundle.json, which
+    never lists a file about to be replaced: the earlier calibration (and the int8 plans built
+    from it) is unlisted first, then its files are replaced, then one write records these."""
+    files = [f for g in GRAPHS for f in (qdq_name(g), qdq_name(g) + ".data")]
+    stale = [f for f in files if (d / f).exists()]  # incl. weights of an earlier calibration
+    earlier = manifest.pop("qdq", None) is not None
+    if (manifest.get("tensorrt") or {}).get("precision") == "int8":
+        manifest["tensorrt"] = None  # plans built from the earlier Q/DQ graphs: rebuild them
+        earlier = True
+    if earlier or stale:
+        write_manifest(d, manifest, unlist=stale)
+        for f in stale:
+            (d / f).unlink()
+    for f in files:
+        if (tmp / f).is_file():
+            shutil.move(str(tmp / f), str(d / f))
+    manifest["qdq"] = result
+    write_manifest(d, manifest)
+
+
 def build_qdq_graphs(
     bundle_dir: str | Path,
     video: str | Path | None = None,
@@ -191,26 +213,16 @@ def build_qdq_graphs(
                 "written. Calibrate on more frames, or on frames like the deployment's "
                 "(--calibration-video), or build with --precision fp16"
             )
-        for g in GRAPHS:
-            for f in (qdq_name(g), qdq_name(g) + ".data"):
-                (d / f).unlink(missing_ok=True)  # no stale weights from an earlier calibration
-                if (tmp / f).is_file():
-                    shutil.move(str(tmp / f), str(d / f))
+        result.update(
+            graphs={g: qdq_name(g) for g in GRAPHS},
+            ops=list(QDQ_OPS),
+            scheme="int8 symmetric, per-channel weights, MinMax activation ranges",
+            calibration={"source": source, "frames": len(pixels)},
+            agreement_on="the calibration frames replayed in reverse order",
+        )
+        _publish(d, copy.deepcopy(bundle.manifest), tmp, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result.update(
-        graphs={g: qdq_name(g) for g in GRAPHS},
-        ops=list(QDQ_OPS),
-        scheme="int8 symmetric, per-channel weights, MinMax activation ranges",
-        calibration={"source": source, "frames": len(pixels)},
-        agreement_on="the calibration frames replayed in reverse order",
-    )
-    manifest = dict(bundle.manifest)
-    manifest["qdq"] = result
-    if (manifest.get("tensorrt") or {}).get("precision") == "int8":
-        # plans built from the previous Q/DQ graphs: rebuild them from these
-        del manifest["tensorrt"]
-    write_manifest(d, manifest)
     say(
         f"      Q/DQ graphs written; top-1 agreement {result['top1_agreement']:.3f} over "
         f"{result['steps']} steps"
