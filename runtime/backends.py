@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from onsight.runtime.bundle import Bundle
-from onsight.runtime.errors import EngineError
+from onsight.runtime.errors import EngineError, OnsightError
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ def _tensorrt_ready(bundle: Bundle) -> bool:
         import tensorrt  # noqa: F401
 
         from onsight.runtime.trt_backend import cuda_available
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a TensorRT library that would not load
         return False
     return cuda_available()
 
@@ -41,25 +41,39 @@ def _device_resident(sessions):
         return sessions
 
 
-def make_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):
-    """`auto` takes TensorRT plans when the bundle has them and a GPU is here, else
-    onnxruntime on the best provider it offers; the choice is logged and reported in stats."""
-    name = (name or "auto").lower()
-    if name == "auto" and _tensorrt_ready(bundle):
-        name = "tensorrt"
-    if name == "tensorrt":
-        from onsight.runtime.trt_backend import TrtBackend
+def _open_tensorrt(bundle: Bundle, required: bool):
+    """TrtBackend; for `auto` (not `required`), None with a warning when its plans do not
+    fit this machine (built on another GPU or TensorRT version: a bundle copied to a Jetson)."""
+    from onsight.runtime.trt_backend import TrtBackend
 
-        backend = TrtBackend(bundle)
-    elif name in ("auto", "onnxruntime", "ort") or name.startswith(("onnxruntime:", "ort:")):
+    try:
+        return TrtBackend(bundle)
+    except OnsightError as e:
+        if required:
+            raise
+        log.warning("TensorRT plans unusable here (%s); using onnxruntime", e)
+        return None
+
+
+def make_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):
+    """`auto` takes TensorRT plans when the bundle has them and a GPU is here (and the plans
+    fit it), else onnxruntime on the best provider it offers; the choice is logged and
+    reported in stats."""
+    name = (name or "auto").lower()
+    backend = None
+    if name == "tensorrt" or (name == "auto" and _tensorrt_ready(bundle)):
+        backend = _open_tensorrt(bundle, required=name == "tensorrt")
+    if backend is None:
+        if name not in ("auto", "onnxruntime", "ort") and not name.startswith(
+            ("onnxruntime:", "ort:")
+        ):
+            raise EngineError(
+                f"unknown backend {name!r}: use auto, onnxruntime, onnxruntime:cpu, "
+                "onnxruntime:cuda or tensorrt"
+            )
         from onsight.runtime.ort_backend import OrtSessions
 
         device = name.split(":", 1)[1] if ":" in name else "auto"
         backend = _device_resident(OrtSessions(bundle, device, threads))
-    else:
-        raise EngineError(
-            f"unknown backend {name!r}: use auto, onnxruntime, onnxruntime:cpu, "
-            "onnxruntime:cuda or tensorrt"
-        )
     log.info("backend: %s", backend.name)
     return backend
