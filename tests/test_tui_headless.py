@@ -4,6 +4,7 @@ and what the footer and panels say. Pilot tests with the fakes of test_tui.py.""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -367,6 +368,11 @@ async def test_stats_panel_says_what_its_numbers_are():
         assert "8 seen · 2 dropped" in text
         assert "idle 1.5" in text and "capture" not in text  # the wait, not a capture cost
         assert "fake:cpu · cpu" not in text  # the device once, not twice
+        assert "skipped" not in text  # said only when duplicate skipping skipped something
+        panel = app.query_one(StatsPanel)
+        panel.stats = dataclasses.replace(panel.stats, frames_skipped=3)
+        console.print(panel._render_stats())
+        assert "2 dropped · 3 alike, skipped" in " ".join(console.file.getvalue().split())
         await pilot.press("q")
 
 

@@ -136,6 +136,9 @@ class StatsPanel(Static):
                 (" seen · ", dim),
                 str(st.frames_dropped),
                 (" dropped", dim),
+                *((" · ", dim), str(st.frames_skipped), (" alike, skipped", dim))
+                if st.frames_skipped
+                else (),
             ),
         )
         bar_style = self.get_component_rich_style("stats--bar", partial=True)
