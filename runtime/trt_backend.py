@@ -166,6 +166,7 @@ class TrtBackend:
         self.engines: dict = {}
         self.contexts: dict = {}
         self._scratch: dict[tuple[str, str], DeviceBuffer] = {}
+        self._io: dict[str, list[tuple[str, bool, np.dtype]]] = {}  # graph -> (name, input, dtype)
         self._steppers: list[DeviceStepper] = []
         self.stream = None
         self._runtime = None
@@ -265,15 +266,23 @@ class TrtBackend:
         import tensorrt as trt
 
         engine, ctx = self.engines[graph], self.contexts[graph]
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        for name in (n for n in names if is_input[n]):
+        io = self._io.get(graph)
+        if io is None:  # a plan's IO never changes: read it once, not every token
+            io = self._io[graph] = [
+                (
+                    n,
+                    engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT,
+                    self._dtype(trt, engine, graph, n),
+                )
+                for n in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
+            ]
+        for name, _, want in (t for t in io if t[1]):
             if name not in inputs:
                 raise EngineError(
                     f"{graph}: the plan takes an input {name!r} this bundle does not feed; "
                     f"rebuild the plans with `onsight build {self.bundle.path} --backend tensorrt`"
                 )
-            value, want = inputs[name], self._dtype(trt, engine, graph, name)
+            value = inputs[name]
             if isinstance(value, DeviceBuffer):
                 # bound by pointer: TensorRT reads the bytes as `want`, whatever they hold
                 if value.dtype != want:
@@ -291,14 +300,14 @@ class TrtBackend:
             self._set_shape(graph, name, buf.shape)
             self._bind(ctx, graph, name, buf.ptr)
         outputs: dict[str, np.ndarray | DeviceBuffer] = {}
-        for name in (n for n in names if not is_input[n]):
+        for name, _, dtype in (t for t in io if not t[1]):
             shape = tuple(ctx.get_tensor_shape(name))  # known once every input shape is set
             if any(d < 0 for d in shape):
                 raise EngineError(
                     f"{graph}: output {name} has no shape before running ({shape}); onsight's "
                     "graphs have none that depend on data, so this plan is not from this bundle"
                 )
-            buf = self._buffer(graph, name, shape, self._dtype(trt, engine, graph, name))
+            buf = self._buffer(graph, name, shape, dtype)
             buf.shape = shape
             self._bind(ctx, graph, name, buf.ptr)
             outputs[name] = buf
