@@ -281,7 +281,7 @@ def parse_args(argv: list[str]) -> BenchOptions:
 
 def _check_writable_dir(flag: str, d: Path | None) -> None:
     """Refuse an --out or --cache-dir that cannot be a folder, before minutes of measuring."""
-    from onsight.exporter.model import why_unwritable
+    from onsight.runtime.files import why_unwritable
 
     if d is None:
         return

@@ -24,7 +24,7 @@ import torch
 
 from onsight.exporter.ckpt_llm import sliding_window
 from onsight.exporter.config import ModConfig, parse_mod_layers, parse_tokens_per_frame
-from onsight.exporter.model import StreamingModel, staging_dir, why_unwritable, write_error
+from onsight.exporter.model import StreamingModel, staging_dir, write_error
 from onsight.exporter.onnx_export import export_graphs
 from onsight.exporter.parity import run_parity
 from onsight.exporter.reference import layout_for
@@ -37,6 +37,7 @@ from onsight.runtime.bundle import (
     write_manifest,
 )
 from onsight.runtime.errors import ExportError, OnsightError
+from onsight.runtime.files import why_unwritable
 from onsight.runtime.kv_policy import EvictionPolicy
 from onsight.runtime.template import build_template_ids
 

@@ -17,7 +17,7 @@ from onsight.exporter.config import ModelConfig
 from onsight.exporter.decoder import ModDecoder, build_hf_lm
 from onsight.exporter.vision import FrameEncoder
 from onsight.runtime.errors import CheckpointError, ExportError
-from onsight.runtime.files import current_umask
+from onsight.runtime.files import current_umask, file_above
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +74,9 @@ def staging_dir(out: Path, tag: str = "") -> Path:
 def write_error(out: Path, e: OSError) -> ExportError:
     """An OSError while writing `out` (or its hidden staging sibling), said in terms of `out`:
     a read-only or full disk, a file where a directory should be, no permission."""
-    blocker = _file_above(out)
+    blocker = file_above(out)
     reason = f"{blocker} is a file, not a directory" if blocker else e.strerror or str(e)
     return ExportError(f"cannot write {out}: {reason}; choose another --out")
-
-
-def why_unwritable(out: Path) -> str | None:
-    """Why `out` (not there yet) could not be created, or None: checked before long work."""
-    blocker = _file_above(out)
-    if blocker is not None:
-        return f"{blocker} is a file, not a directory"
-    nearest = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        return f"{nearest} is not writable (read-only or no permission)"
-    return None
-
-
-def _file_above(out: Path) -> Path | None:
-    """The first of `out`'s parents that exists but is no directory."""
-    return next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
 
 
 def save_native(

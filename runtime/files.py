@@ -35,6 +35,22 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def why_unwritable(out: Path) -> str | None:
+    """Why `out` (not there yet) could not be created, or None: checked before long work."""
+    blocker = file_above(out)
+    if blocker is not None:
+        return f"{blocker} is a file, not a directory"
+    nearest = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"{nearest} is not writable (read-only or no permission)"
+    return None
+
+
+def file_above(out: Path) -> Path | None:
+    """The first of `out`'s parents that exists but is no directory."""
+    return next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+
+
 def current_umask() -> int:
     """The process umask (os.umask only reads it by setting it)."""
     mask = os.umask(0)

@@ -470,7 +470,7 @@ def _out_problem(out: Path) -> str | None:
     """Why the report could not be written to `out` (checked before minutes of narrating)."""
     if out.is_dir():
         return "is a directory, and the report is a file (e.g. eval.json)"
-    from onsight.exporter.model import why_unwritable
+    from onsight.runtime.files import why_unwritable
 
     return why_unwritable(out)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 
 from ..errors import OnsightError
+from ..files import file_above
 from .world import WorldConfig, iter_stream
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def render_demo_video(
     if final.is_dir():
         raise OnsightError(f"{final} is a directory; give a file path ending in .mp4")
     if not final.parent.is_dir():
-        blocker = next((p for p in reversed(final.parents) if p.exists() and not p.is_dir()), None)
+        blocker = file_above(final)
         if blocker is not None:
             raise OnsightError(f"cannot write {final}: {blocker} is a file, not a directory")
         raise OnsightError(f"directory {final.parent} does not exist; create it first")
