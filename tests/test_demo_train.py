@@ -364,6 +364,76 @@ def test_warm_start_with_other_routed_layers(tmp_path):
     assert all(torch.equal(old_sd[k], new_sd[k]) for k in shared)
 
 
+def test_onset_targets_mark_a_move_on_the_frames_it_is_narrated():
+    """onset_targets: the mover's cell and the pooled token on a move's event frame and the
+    frame after it (while it moves); nothing on other frames, never a still object's cell."""
+    from onsight.exporter.demo.data import onset_targets
+    from onsight.runtime.synthetic import EventKind, curriculum, generate_stream
+
+    def cell(o, w, h):
+        return 1 + min(2, max(0, int(o.y * 3 // h))) * 3 + min(2, max(0, int(o.x * 3 // w)))
+
+    moves = 0
+    for seed in range(8):
+        stream = generate_stream(seed, 24, curriculum(2))
+        target = onset_targets(stream)
+        w, h = stream.config.width, stream.config.height
+        expected = np.zeros_like(target)
+        for e in stream.events:
+            if e.kind is not EventKind.MOVE:
+                continue
+            moves += 1
+            for f in (e.frame_index, e.frame_index + 1):
+                mover = [
+                    o
+                    for o in (stream.states[f].objects if f < stream.num_frames else ())
+                    if o.object_id == e.object_id and o.moving
+                ]
+                if mover:
+                    expected[f, 0] = expected[f, cell(mover[0], w, h)] = 1.0
+        assert np.array_equal(target, expected)
+        for f in target[:, 0].nonzero()[0]:  # every marked cell shows a moving object
+            moving = {cell(o, w, h) for o in stream.states[f].objects if o.moving}
+            assert set(target[f, 1:].nonzero()[0] + 1) <= moving
+    assert moves >= 5
+
+
+def test_onset_head_reads_the_onset_targets_weighed_up(demo_tok):
+    """--change-target onset: a one-output head at --change-layer reads onset_targets with its
+    rare positives weighed up; without --change-layer the flag is refused with what to add."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from onsight.exporter.demo.objective import (
+        ONSET_POS_WEIGHT,
+        batched_hidden,
+        compute_loss,
+        rms_normalise,
+    )
+    from onsight.exporter.demo.train_args import config_from_args, parse_args
+
+    path, _, tok = demo_tok
+    src = make_source(str(path), TrainConfig(batch_size=2, num_frames=8), 10)
+    t = to_tensors(src.batch(3, stage=2), "cpu")
+    assert t["onset"].shape == t["actor"].shape
+    model = build_model(path, TrainConfig(keep_ratio=0.2, seed=0, gate="straight"))
+    head = nn.Linear(model.cfg.llm_hidden, 1)
+    interval = tok.token_to_id(",")
+    base = compute_loss(model, t, interval, 3.0, 0.5, aux_head=None)
+    with_onset = compute_loss(model, t, interval, 3.0, 0.5, aux_head=None, change_mid=(2, head))
+    taps = {2: None}
+    batched_hidden(model, t["ids"], t["frames"], t["frame_pos"], taps=taps)
+    fp = t["frame_pos"].flatten(1)
+    xv = taps[2].gather(1, fp[..., None].expand(-1, -1, taps[2].shape[-1])).float()
+    pred = head(rms_normalise(xv)).view(t["onset"].shape)
+    weight = torch.tensor(ONSET_POS_WEIGHT)
+    want = F.binary_cross_entropy_with_logits(pred, t["onset"], pos_weight=weight)
+    assert abs(with_onset.aux - float(want.detach())) < 1e-5 and base.aux == 0.0
+    args = parse_args(["--out", "x", "--change-target", "onset"])
+    with pytest.raises(OnsightError, match="--change-target onset needs --change-layer"):
+        config_from_args(args)
+
+
 def test_change_targets_read_where_text_still_reads_every_vision_token(demo_tok, tmp_path):
     """--change-layer 2: a second change head reads the vision tokens' states at the input of
     layer 2 (the last layer every token's key reaches, with LayerExperts on 1 and 3); its loss

@@ -23,7 +23,7 @@ import numpy as np
 
 from onsight.runtime.stream_loop import TemplateIds
 from onsight.runtime.synthetic import Stream, WorldConfig, curriculum, generate_stream
-from onsight.runtime.synthetic.grammar import COLOURS, EVENT_KINDS, SHAPES
+from onsight.runtime.synthetic.grammar import COLOURS, EVENT_KINDS, SHAPES, EventKind
 from onsight.runtime.synthetic.state import FrameState
 
 IGNORE = -100  # label of positions without an LM loss (torch's cross-entropy default)
@@ -41,6 +41,7 @@ class Example:
     aux: np.ndarray  # (F, 10, AUX_DIM) float32 per-token scene targets (see frame_targets)
     change: np.ndarray  # (F, 10, CHANGE_DIM) float32 per-token change targets (change_targets)
     actor: np.ndarray  # (F, 10) float32 where the acting object is (actor_targets)
+    onset: np.ndarray  # (F, 10) float32 where a move has just begun (onset_targets)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Batch:
     aux: np.ndarray  # (B, F, 10, AUX_DIM)
     change: np.ndarray  # (B, F, 10, CHANGE_DIM)
     actor: np.ndarray  # (B, F, 10)
+    onset: np.ndarray  # (B, F, 10)
 
 
 # Auxiliary targets per frame token: colours and shapes present (multi-hot), plus "dark".
@@ -126,6 +128,27 @@ def actor_targets(stream: Stream) -> np.ndarray:
             if seen:
                 out[f, _cell(seen[0], w, h)] = 1.0
                 break
+    return out
+
+
+def onset_targets(stream: Stream, window: int = 2) -> np.ndarray:
+    """(F, 10) the tokens showing an object whose move began in the last `window` frames.
+
+    The mover's cell (and the pooled token) on its move's event frame and the `window` - 1
+    frames after it, while it is still moving: the frames a move is narrated on (on the event
+    frame, or one frame late with stage 4's NarrationDelay). Telling a just-started motion
+    from a sustained one or from a still object is the binding MoD's routed layers cost
+    (TRAINING.md, sessions 7-11); a head on these targets asks for it where text reads it.
+    """
+    w, h = stream.config.width, stream.config.height
+    out = np.zeros((stream.num_frames, 10), np.float32)
+    for e in stream.events:
+        if e.kind is not EventKind.MOVE:
+            continue
+        for f in range(e.frame_index, min(e.frame_index + window, stream.num_frames)):
+            for o in stream.states[f].objects:
+                if o.object_id == e.object_id and o.moving:
+                    out[f, 0] = out[f, _cell(o, w, h)] = 1.0
     return out
 
 
@@ -231,6 +254,7 @@ def build_example(
         ),
         change=change_targets(stream),
         actor=actor_targets(stream),
+        onset=onset_targets(stream),
     )
 
 
@@ -251,6 +275,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         aux=np.stack([e.aux for e in examples]),
         change=np.stack([e.change for e in examples]),
         actor=np.stack([e.actor for e in examples]),
+        onset=np.stack([e.onset for e in examples]),
     )
 
 

@@ -152,8 +152,11 @@ def rms_normalise(x: torch.Tensor) -> torch.Tensor:
     return x / (x.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
 
 
+# about 1 token in 100 shows a move that has just begun (data.onset_targets)
+ONSET_POS_WEIGHT = 10.0
+
 # per-token targets, built pooled token first (data.frame_targets and its kin)
-TOKEN_TARGETS = ("aux", "change", "actor")
+TOKEN_TARGETS = ("aux", "change", "actor", "onset")
 
 
 def in_token_order(batch: dict[str, torch.Tensor], pooled_last: bool) -> dict[str, torch.Tensor]:
@@ -223,8 +226,15 @@ def compute_loss(
         layer, head = change_mid
         fp = batch["frame_pos"].flatten(1)
         xv = taps[layer].gather(1, fp[..., None].expand(-1, -1, x.shape[-1])).float()
-        pred = head(rms_normalise(xv)).view(batch["change"].shape)
-        aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
+        if head.out_features == 1:  # the "onset" target: rare positives, weighed up
+            target = batch["onset"]
+            pred = head(rms_normalise(xv)).view(target.shape)
+            aux = aux + F.binary_cross_entropy_with_logits(
+                pred, target, pos_weight=torch.tensor(ONSET_POS_WEIGHT)
+            )
+        else:
+            pred = head(rms_normalise(xv)).view(batch["change"].shape)
+            aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])
     if scores:
         aux = aux + router_weight * router_loss(scores, batch, router_target)
     # LM loss at labelled positions only: the head runs on a few hundred rows, not all.

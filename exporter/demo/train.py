@@ -411,7 +411,8 @@ def train(
                 f"--change-layer {tcfg.change_layer}: give a decoder layer in 1.."
                 f"{tcfg.decoder_layers - 1}, with the auxiliary losses on (--aux-weight > 0)"
             )
-        heads["change_mid"] = nn.Linear(model.cfg.llm_hidden, CHANGE_DIM).to(device)
+        dim = 1 if tcfg.change_target == "onset" else CHANGE_DIM
+        heads["change_mid"] = nn.Linear(model.cfg.llm_hidden, dim).to(device)
         change_mid = (tcfg.change_layer, heads["change_mid"])
     params = list(model.parameters()) + (list(heads.parameters()) if heads else [])
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95))

@@ -71,6 +71,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "LayerExperts on 1, 3: L=2); -1: only from the final states",
     )
     p.add_argument(
+        "--change-target",
+        choices=("change", "onset"),
+        default="change",
+        help="what the --change-layer head reads: the change targets, or 'onset': only the "
+        "cells of moves begun in the last two frames (the frames a move is narrated on)",
+    )
+    p.add_argument(
         "--name-weight",
         type=float,
         default=1.0,
@@ -231,6 +238,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             f"--decoder-layers {args.decoder_layers}: the decoder needs at least 2 layers "
             "(LayerExperts sit on every other one: 1, 3, ...)"
         )
+    if args.change_target != "change" and args.change_layer < 0:
+        raise OnsightError(
+            f"--change-target {args.change_target} needs --change-layer L (the layer it reads)"
+        )
     if args.router_target != "scene" and args.router_weight <= 0:
         raise OnsightError(
             f"--router-target {args.router_target} has no effect without the router loss: "
@@ -275,6 +286,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mod_layers=args.mod_layers,
         pooled_last=args.pooled_last,
         change_layer=args.change_layer,
+        change_target=args.change_target,
         name_weight=args.name_weight,
         mover_questions=args.mover_questions,
         onset_questions=args.onset_questions,

@@ -59,6 +59,9 @@ class TrainConfig:
     # a second change head reading the vision tokens' states at the input of this decoder
     # layer (-1: none; objective.compute_loss's change_mid)
     change_layer: int = -1
+    # what that head reads: "change" (change_targets: event kinds, moving cells) or "onset"
+    # (onset_targets: the cells of moves begun in the last two frames)
+    change_target: str = "change"
     name_weight: float = 1.0  # LM-loss weight of the words naming an object (colour, shape)
     # narrate events of delay_kinds (comma-separated EventKind values) this many frames after
     # they happen (data.NarrationDelay)
