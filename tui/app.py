@@ -1,17 +1,16 @@
 """The `onsight run` terminal app: live narration, preview, stats and questions.
 
-Threads: one worker owns the engine and iterates `engine.narrate(source)` (the model runs
-there, never on the event loop); it posts typed messages (messages.py) that the handlers
-below turn into widget updates. The preview polls the tapped source's newest frame on a
-timer, so capture never waits for the UI. Pausing closes a gate that both the tap and the
-worker wait on, so no frame is consumed and no line is produced while paused.
+Threads: one worker owns the engine and iterates `engine.narrate(source)` (narration_run.py;
+the model runs there, never on the event loop); it posts typed messages (messages.py) that
+the handlers below turn into widget updates. The preview polls the tapped source's newest
+frame on a timer, so capture never waits for the UI. Pausing closes a gate that both the tap
+and the worker wait on, so no frame is consumed and no line is produced while paused.
 """
 
 from __future__ import annotations
 
 import logging
 import string
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,20 +21,11 @@ from textual.containers import Horizontal, Vertical
 from textual.geometry import Size
 from textual.widgets import Footer, Input
 
-from onsight.runtime.errors import OnsightError, SourceError
+from onsight.runtime.errors import OnsightError
 from onsight.runtime.frames import Frame
 from onsight.runtime.transcript import Transcript
 
-from .engine import (
-    GATE_POLL_S,
-    Engine,
-    EngineFactory,
-    SourceOpener,
-    TappedSource,
-    describe_engine,
-    is_camera,
-    question_budget,
-)
+from .engine import GATE_POLL_S, Engine, EngineFactory, SourceOpener, question_budget
 from .error_screen import ErrorScreen
 from .messages import (
     Answered,
@@ -54,6 +44,7 @@ from .messages import (
     message_for,
 )
 from .narration_log import NarrationLog
+from .narration_run import NarrationRun
 from .preview import Preview
 from .question import QuestionInput
 from .recorder import Recorder
@@ -63,7 +54,6 @@ from .stats_panel import StatsPanel
 log = logging.getLogger(__name__)
 
 PREVIEW_HZ = 8.0  # how often the preview looks for a newer frame
-SHUTDOWN_TIMEOUT_S = 20.0  # longest wait for the narrate worker on quit (one slow frame)
 NARROW_BELOW = 72  # columns: narrower, the side panel leaves the log the whole width (v shows it)
 SHORT_BELOW = 22  # rows: shorter, the stats panel hides (a one-line summary stays on the log)
 TYPE_TO_ASK = [c for c in string.ascii_letters + string.digits if c not in "pvsq"]  # not keys
@@ -116,33 +106,28 @@ class OnsightApp(App[None]):
         open_source opens `source` at the engine's fps, also in the worker. demo_video
         returns the demo clip's path (rendering it once); None disables the offer.
         handle_signals: SIGTERM and SIGHUP quit like q (engine, source and transcript
-        closed, the terminal restored) instead of killing the process mid-screen."""
+        closed, the terminal restored) instead of killing the process mid-screen, and so
+        does a terminal that hangs up without sending SIGHUP."""
         super().__init__()
-        self._engine_factory = engine_factory
-        self._open_source = open_source
         self._spec = source
-        self._fps = fps
         self._recorder = Recorder(transcript)
         self._show_preview = show_preview
         self._save_dir = Path(save_dir)
-        self._demo_video = demo_video
-        self._use_demo = use_demo and demo_video is not None
+        # Engine, source and the gates the workers wait on; run.release() closes them.
+        self._run = NarrationRun(
+            engine_factory,
+            open_source,
+            self._recorder,
+            self.post_message,
+            fps=fps,
+            demo_video=demo_video,
+            use_demo=use_demo,
+        )
         self._signals = (
-            ExitOnSignals(self._release, lambda code: self.post_message(Terminated(code)))
+            ExitOnSignals(self._run.release, lambda code: self.post_message(Terminated(code)))
             if handle_signals
             else None
         )
-
-        # Shared with worker threads; each is written by one side only or is an Event.
-        self._engine: Engine | None = None
-        self._tap: TappedSource | None = None
-        self._flowing = threading.Event()  # clear while paused
-        self._flowing.set()
-        self._stop = threading.Event()  # quitting: workers wind down
-        self._idle = threading.Event()  # no narrate worker is running
-        self._idle.set()
-        self._released = threading.Event()  # engine, source and transcript are closed
-        self._release_lock = threading.Lock()
 
         # UI-thread state.
         self._preview: Preview | None = None  # set on mount; the preview timer uses it
@@ -176,7 +161,7 @@ class OnsightApp(App[None]):
         self.query_one("#main").set_class(not self._show_preview, "-hide-preview")
         self.query_one(StatsPanel).border_title = "stats"
         if self._signals is not None:
-            self._signals.install()
+            self._signals.install(watch_terminal=not self.is_headless)
         question = self.query_one("#question", Input)
         question.cursor_blink = False  # deterministic screenshots; calmer over SSH
         log_widget.focus()  # so single-key bindings work until the user asks something
@@ -186,75 +171,14 @@ class OnsightApp(App[None]):
     # ------------------------------------------------------------------------------ worker
 
     def _start(self) -> None:
-        if self._stop.is_set():
-            return
+        if not self._run.begin():
+            return  # quitting
         self.narration_done = self._source_ended = False
-        self._idle.clear()
         self._narrate()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="narrate")
     def _narrate(self) -> None:
-        stage = "bundle"
-        spec = self._spec
-        try:
-            engine = self._engine
-            if engine is None:
-                self.post_message(Status("loading engine ..."))
-                engine = self._engine_factory()
-                self._engine = engine  # before the stop check: quit closes it either way
-                if self._stop.is_set():
-                    return
-                fps = self._fps or getattr(engine, "fps", None)
-                self.post_message(EngineLoaded(describe_engine(engine, fps)))
-            stage = "source"
-            if self._use_demo and self._demo_video is not None:
-                self.post_message(Status("preparing the demo video ..."))
-                spec = str(self._demo_video())
-            self.post_message(Status(f"opening {spec} ..."))
-            fps = self._fps or getattr(engine, "fps", None)
-            tap = TappedSource(self._open_source(spec, fps), self._flowing)
-            self._tap = tap
-            if self._stop.is_set():
-                tap.close()
-                return
-            self.post_message(SourceOpened(spec))
-            self._consume(engine, tap)
-        except SourceError as e:
-            self._fail("source", e, spec)
-        except OnsightError as e:
-            self._fail("engine" if stage == "source" else stage, e, spec)
-        except Exception as e:  # a bug must reach the screen, not vanish with the thread
-            log.exception("narration failed")
-            self._fail("engine" if stage == "source" else stage, e, spec)
-        finally:
-            self._idle.set()
-            self.post_message(NarrationStopped())
-
-    def _consume(self, engine: Engine, tap: TappedSource) -> None:
-        events = engine.narrate(tap)
-        try:
-            for event in events:
-                # The LLM runs inside next(events); not calling it while paused stops the
-                # model too, and an event that was already in flight waits here.
-                while not self._flowing.wait(GATE_POLL_S):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    return
-                self._recorder.record(event)
-                self.post_message(message_for(event))
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()  # runs narrate()'s finally: the pipeline and the source shut down
-
-    def _fail(self, stage: str, error: BaseException, spec: str) -> None:
-        if self._stop.is_set():
-            return  # errors while shutting down are expected (closed source, closed engine)
-        text = str(error) or repr(error)
-        code = error.exit_code if isinstance(error, OnsightError) else 1
-        offer = stage == "source" and self._demo_video is not None and is_camera(spec)
-        self.post_message(NarrationFailed(stage, text, code, offer))  # type: ignore[arg-type]
+        self._run.narrate(self._spec)
 
     # ------------------------------------------------------------------------------ messages
 
@@ -265,7 +189,8 @@ class OnsightApp(App[None]):
     @on(EngineLoaded)
     def _on_engine_loaded(self, message: EngineLoaded) -> None:
         self.query_one(StatsPanel).set_engine(message.info)
-        budget = question_budget(self._engine) if self._engine is not None else None
+        engine = self._run.engine
+        budget = question_budget(engine) if engine is not None else None
         if budget is not None:
             self.query_one(QuestionInput).set_budget(*budget)
 
@@ -348,7 +273,7 @@ class OnsightApp(App[None]):
 
         def chosen(choice: str | None) -> None:
             if choice == "demo":
-                self._use_demo = True
+                self._run.use_demo = True
             if choice in ("retry", "demo"):
                 self._exit_code = 0
                 self._retry_when_idle()
@@ -359,7 +284,7 @@ class OnsightApp(App[None]):
 
     def _retry_when_idle(self) -> None:
         # A "failed" source event arrives while the worker is still winding down.
-        if self._idle.is_set():
+        if self._run.idle.is_set():
             self._start()
         else:
             self.set_timer(GATE_POLL_S, self._retry_when_idle)
@@ -367,7 +292,7 @@ class OnsightApp(App[None]):
     # ------------------------------------------------------------------------------ preview
 
     def _refresh_preview(self) -> None:
-        tap = self._tap
+        tap = self._run.tap
         frame = tap.latest if tap is not None else None
         preview = self._preview
         if (
@@ -383,9 +308,9 @@ class OnsightApp(App[None]):
     def action_pause(self, paused: bool) -> None:
         self.paused = paused
         if paused:
-            self._flowing.clear()
+            self._run.flowing.clear()
         else:
-            self._flowing.set()
+            self._run.flowing.set()
         self.query_one(StatsPanel).set_paused(paused)
         self.query_one(NarrationLog).add_note(self._now(), "paused" if paused else "resumed")
         self._show_summary()
@@ -434,7 +359,7 @@ class OnsightApp(App[None]):
             event.input.value = ""
             self.action_leave_question()  # "/" then Enter: nothing to ask, back to the log
             return
-        engine = self._engine
+        engine = self._run.engine
         after_end = self.narration_done  # no frame will come: answer from what was seen
         if engine is None or (after_end and not hasattr(engine, "answer_now")):
             why = "not loaded yet" if engine is None and not after_end else "not narrating"
@@ -490,7 +415,8 @@ class OnsightApp(App[None]):
     def _now(self) -> float | None:
         """Stream time for what the user does (pause, save, ask): the frame they see, the
         newest in the preview or an event, not the last line said (silence can be long)."""
-        frame = self._tap.latest if self._tap is not None else None
+        tap = self._run.tap
+        frame = tap.latest if tap is not None else None
         times = [t for t in (self.stream_time, frame and frame.timestamp) if t is not None]
         return max(times, default=None)
 
@@ -509,7 +435,7 @@ class OnsightApp(App[None]):
         self._show_summary(event.size)
 
     def action_save_snapshot(self) -> None:
-        tap = self._tap
+        tap = self._run.tap
         self._save(tap.latest if tap is not None else None)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="save")
@@ -533,37 +459,13 @@ class OnsightApp(App[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="shutdown")
     def _close_down(self) -> None:
-        self._release()
+        self._run.release()
         self.call_from_thread(self.exit, None, self._exit_code)
-
-    def _release(self) -> None:
-        """Stop the worker, then close source, engine and transcript (idempotent, any thread)."""
-        self._stop.set()
-        self._flowing.set()  # a paused worker must see the stop
-        tap = self._tap
-        if tap is not None:
-            tap.close()  # ends a source blocked waiting for frames
-        if not self._idle.wait(SHUTDOWN_TIMEOUT_S):
-            log.warning("narration did not stop within %.0f s; closing anyway", SHUTDOWN_TIMEOUT_S)
-        with self._release_lock:
-            if self._released.is_set():
-                return
-            engine, self._engine = self._engine, None
-            if engine is not None:
-                try:
-                    engine.close()
-                except Exception:
-                    log.exception("closing the engine failed")
-            self._recorder.close()
-            self._released.set()
 
     def on_unmount(self) -> None:
         if self._signals is not None:
             self._signals.uninstall()
-        # Exit without the quit action (a test harness, a crash): release in the background
-        # so the event loop is not held up by a camera's close.
-        if not self._released.is_set():
-            threading.Thread(target=self._release, name="onsight release", daemon=True).start()
+        self._run.release_in_background()  # an exit without the quit action: a test, a crash
 
     @property
     def transcript_lines(self) -> list[str]:

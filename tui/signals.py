@@ -1,12 +1,13 @@
-"""SIGTERM and SIGHUP (a kill, a dropped SSH session): close down as q does, even when the
-terminal is gone.
+"""SIGTERM and SIGHUP (a kill, a dropped SSH session), or a terminal that hung up without a
+signal (hangup.py): close down as q does, even when the terminal is gone.
 
 The handlers are plain signal handlers, not the event loop's: when the SSH session drops,
 Textual's writer thread dies on the hung-up terminal and the event loop blocks for good on
 its next write, so a handler that waits for the loop never runs and the process hangs,
 holding the camera. Here a thread releases the engine, source and transcript first, then
 asks the app to exit (restoring a terminal that is still there), and if the process is
-still alive after a grace period it leaves without the loop.
+still alive after a grace period it leaves without the loop. A hangup seen by the watch
+closes down the same way, with SIGHUP's exit code.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from .hangup import TerminalWatch
+
 log = logging.getLogger(__name__)
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 3.0  # time for the app to exit on its own (restoring the terminal) after release
+HANGUP_CODE = 128 + signal.SIGHUP  # the exit code for a terminal gone without a signal, too
 
 
 class ExitOnSignals:
@@ -40,23 +44,39 @@ class ExitOnSignals:
         self._release, self._request_exit = release, request_exit
         self.grace_s, self.hard_exit = grace_s, hard_exit
         self._previous: dict[int, object] = {}
-        self._fired = threading.Event()
+        # Taken once and never released: the first of a signal and a hangup wins. Never
+        # waited on, since a second signal can interrupt the main thread inside close_down.
+        self._once = threading.Lock()
+        self._watch: TerminalWatch | None = None
 
-    def install(self) -> None:
+    def install(self, watch_terminal: bool = False) -> None:
+        """watch_terminal: also close down when stdin/stdout/stderr's terminal hangs up
+        without a signal (only where the app owns a real terminal, not under run_test)."""
         for sig in EXIT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
+        if watch_terminal:
+            self._watch = TerminalWatch(lambda: self.close_down(HANGUP_CODE))
+            self._watch.start()
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)  # type: ignore[arg-type]
         self._previous.clear()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
 
     def _handler(self, signum: int, _frame: object) -> None:
-        if self._fired.is_set():
+        self.close_down(128 + signum)  # the shell's convention for "ended by a signal"
+
+    def close_down(self, code: int) -> None:
+        """Release, ask the app to exit with `code`, and leave without it after the grace
+        period; the first call does it, later ones return at once (any thread)."""
+        if not self._once.acquire(blocking=False):
             return
-        self._fired.set()
-        code = 128 + signum  # the shell's convention for "ended by a signal"
-        threading.Thread(target=self._run, args=(code,), name="onsight signal", daemon=True).start()
+        threading.Thread(
+            target=self._run, args=(code,), name="onsight close down", daemon=True
+        ).start()
 
     def _run(self, code: int) -> None:
         try:
