@@ -183,12 +183,14 @@ def test_router_loss_ranks_the_cells_where_something_happens():
     assert router_loss([wrong], {"change": torch.zeros_like(change), "aux": batch["aux"]}) == 0
 
 
+def cell(o, w, h):
+    """The 3x3 grid token of an object's centre, clamped into the frame (data._cell)."""
+    return 1 + min(2, max(0, int(o.y * 3 // h))) * 3 + min(2, max(0, int(o.x * 3 // w)))
+
+
 def test_actor_targets_name_the_object_a_narration_is_about():
     from onsight.exporter.demo.data import actor_targets
     from onsight.runtime.synthetic import curriculum, generate_stream
-
-    def cell(o, w, h):  # the 3x3 grid token of an object's centre, clamped into the frame
-        return 1 + min(2, max(0, int(o.y * 3 // h))) * 3 + min(2, max(0, int(o.x * 3 // w)))
 
     checked = 0
     for seed in range(6):
@@ -369,9 +371,6 @@ def test_onset_targets_mark_a_move_on_the_frames_it_is_narrated():
     frame after it (while it moves); nothing on other frames, never a still object's cell."""
     from onsight.exporter.demo.data import onset_targets
     from onsight.runtime.synthetic import EventKind, curriculum, generate_stream
-
-    def cell(o, w, h):
-        return 1 + min(2, max(0, int(o.y * 3 // h))) * 3 + min(2, max(0, int(o.x * 3 // w)))
 
     moves = 0
     for seed in range(8):
