@@ -40,7 +40,7 @@ from onsight.runtime.bundle import Bundle, load_bundle
 from onsight.runtime.cli import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 from onsight.runtime.errors import OnsightError
 from onsight.runtime.stream_loop import TemplateIds
-from onsight.runtime.template import build_template_ids
+from onsight.runtime.template import bundle_template_ids
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class BenchOptions:
 def _template(b: Bundle) -> TemplateIds:
     from tokenizers import Tokenizer
 
-    return build_template_ids(Tokenizer.from_file(str(b.tokenizer_path)), b.template)
+    return bundle_template_ids(Tokenizer.from_file(str(b.tokenizer_path)), b)
 
 
 class Bench:

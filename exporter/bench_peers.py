@@ -21,6 +21,7 @@ import numpy as np
 
 from onsight.runtime.bundle import Bundle
 from onsight.runtime.errors import OnsightError
+from onsight.runtime.graph_io import FRAMES
 from onsight.runtime.kv_policy import TURN, TokenTable
 from onsight.runtime.ort_backend import OrtStepper, choose_providers, reads_cache_span
 
@@ -183,7 +184,7 @@ class GraphSessions:
         self.dynamic_past = reads_cache_span(self.sessions)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
-        (out,) = self.sessions["vision"].run(None, {"frames": frames})
+        (out,) = self.sessions["vision"].run(None, {FRAMES: frames})
         return out.astype(np.float32, copy=False)
 
     def stepper(self) -> OrtStepper:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from onsight.exporter.model import StreamingModel
+from onsight.runtime import graph_io as io_names  # the names the runtime feeds and reads
 from onsight.runtime.kv_cache import KVLayout
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,6 @@ class FrameStepGraph(_StepBase):
         return (logits, *[t for kv in zip(nk, nv, strict=True) for t in kv], *kept)
 
 
-def past_names(num_layers: int) -> list[str]:
-    return [n for i in range(num_layers) for n in (f"past_key_{i}", f"past_value_{i}")]
-
-
-def new_names(num_layers: int) -> list[str]:
-    return [n for i in range(num_layers) for n in (f"new_key_{i}", f"new_value_{i}")]
-
-
 def _example_past(layout: KVLayout, dtype: torch.dtype) -> list[torch.Tensor]:
     return [
         torch.zeros(layout.kv_heads, layout.capacity(i), layout.head_dim, dtype=dtype)
@@ -96,10 +89,13 @@ def _example_past(layout: KVLayout, dtype: torch.dtype) -> list[torch.Tensor]:
 
 def _past_axes(layout: KVLayout) -> dict[str, dict[int, str]]:
     """The cache length is dynamic, per layer group: the runtime feeds its filled span."""
-    dyn: dict[str, dict[int, str]] = {"dense_mask": {0: "past_dense"}, "mod_mask": {0: "past_mod"}}
+    dyn: dict[str, dict[int, str]] = {
+        io_names.DENSE_MASK: {0: "past_dense"},
+        io_names.MOD_MASK: {0: "past_mod"},
+    }
     for i in range(layout.num_layers):
         axis = "past_mod" if i in layout.routed else "past_dense"
-        dyn[f"past_key_{i}"] = dyn[f"past_value_{i}"] = {1: axis}
+        dyn[io_names.past_key(i)] = dyn[io_names.past_value(i)] = {1: axis}
     return dyn
 
 
@@ -150,20 +146,22 @@ def export_graphs(
     L, N = layout.num_layers, cfg.tokens_per_frame
     hidden, S = cfg.llm_hidden, cfg.preprocess.image_size
     graphs: dict[str, dict] = {}
+    io = io_names.graph_io(L, model.decoder.routed)
 
     frames = torch.zeros(2, S, S, 3, dtype=torch.uint8)
+    v_in, v_out = list(io["vision"].inputs), list(io["vision"].outputs)
     _export(
         VisionGraph(model),
         (frames,),
         out_dir / "vision.onnx",
-        ["frames"],
-        ["frame_embeds"],
-        {"frames": {0: "batch"}, "frame_embeds": {0: "batch"}},
+        v_in,
+        v_out,
+        {io_names.FRAMES: {0: "batch"}, io_names.FRAME_EMBEDS: {0: "batch"}},
     )
-    graphs["vision"] = {"file": "vision.onnx", "inputs": ["frames"], "outputs": ["frame_embeds"]}
+    graphs["vision"] = {"file": "vision.onnx", "inputs": v_in, "outputs": v_out}
 
     past = _example_past(layout, dtype)
-    pnames, nnames = past_names(L), new_names(L)
+    nnames = io_names.new_names(L)
     masks = (
         torch.ones(layout.capacity_dense, dtype=torch.bool),
         torch.ones(layout.capacity_mod, dtype=torch.bool),
@@ -171,9 +169,8 @@ def export_graphs(
     # an example of 3 text tokens (not 1) so no dimension is frozen to the example
     ids = torch.tensor([1, 2, 3], dtype=torch.int64)
     pos = torch.tensor([0, 1, 2], dtype=torch.int64)
-    t_in = ["input_ids", "position_ids", "dense_mask", "mod_mask", *pnames]
-    t_out = ["logits", *nnames]
-    dyn = {"input_ids": {0: "tokens"}, "position_ids": {0: "tokens"}}
+    t_in, t_out = list(io["text_step"].inputs), list(io["text_step"].outputs)
+    dyn = {io_names.INPUT_IDS: {0: "tokens"}, io_names.POSITION_IDS: {0: "tokens"}}
     dyn.update({n: {1: "tokens"} for n in nnames})
     dyn.update(_past_axes(layout))
     _export(
@@ -188,30 +185,20 @@ def export_graphs(
 
     emb = torch.randn(N, hidden, dtype=dtype)
     fpos = torch.arange(3 + N, dtype=torch.int64)
-    kept_names = [f"kept_{i}" for i in model.decoder.routed]
-    f_in = [
-        "input_ids",
-        "frame_embeds",
-        "prev_frame_embeds",
-        "position_ids",
-        "dense_mask",
-        "mod_mask",
-        *pnames,
-    ]
-    f_out = ["logits", *nnames, *kept_names]
+    f_in, f_out = list(io["frame_step"].inputs), list(io["frame_step"].outputs)
     # Vision tokens are dynamic too (from k to N), so the runtime can prefill fewer tokens of
     # a frame that barely changed (DyCoke-style pruning); MoD's top-k stays a constant k.
     dyn = {
-        "input_ids": {0: "text_tokens"},
-        "position_ids": {0: "step_tokens"},
-        "frame_embeds": {0: "frame_tokens"},
-        "prev_frame_embeds": {0: "frame_tokens"},
+        io_names.INPUT_IDS: {0: "text_tokens"},
+        io_names.POSITION_IDS: {0: "step_tokens"},
+        io_names.FRAME_EMBEDS: {0: "frame_tokens"},
+        io_names.PREV_FRAME_EMBEDS: {0: "frame_tokens"},
         **_past_axes(layout),
     }
     for i in range(L):
         axis = "routed_tokens" if i in layout.routed else "step_tokens"
-        dyn[f"new_key_{i}"] = {1: axis}
-        dyn[f"new_value_{i}"] = {1: axis}
+        dyn[io_names.new_key(i)] = {1: axis}
+        dyn[io_names.new_value(i)] = {1: axis}
     _export(
         FrameStepGraph(model, layout),
         (ids, emb, torch.randn(N, hidden, dtype=dtype), fpos, *masks, *past),

@@ -16,7 +16,7 @@ from onsight.runtime.bundle import load_bundle
 from onsight.runtime.kv_policy import EvictionPolicy
 from onsight.runtime.ort_backend import OrtSessions
 from onsight.runtime.stream_loop import StreamLoop
-from onsight.runtime.template import build_template_ids
+from onsight.runtime.template import bundle_template_ids
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_parity(
     vision_err = float(np.abs(ref_emb - ort_emb).max())
 
     tok = Tokenizer.from_file(str(bundle.tokenizer_path))
-    ids = build_template_ids(tok, bundle.template)
+    ids = bundle_template_ids(tok, bundle)
     ref = reference_loop(
         model,
         bundle.tokenizer_path,

@@ -13,7 +13,7 @@ import numpy as np
 
 from onsight.runtime.ort_backend import OrtSessions
 from onsight.runtime.stream_loop import StreamLoop
-from onsight.runtime.template import build_template_ids
+from onsight.runtime.template import bundle_template_ids
 
 
 class Replay:
@@ -45,7 +45,7 @@ def narrate_recorded(sessions: OrtSessions, emb: np.ndarray, max_new_tokens: int
     rec = Replay(sessions.stepper())
     loop = StreamLoop(
         rec,
-        build_template_ids(tok, bundle.template),
+        bundle_template_ids(tok, bundle),
         encode=lambda s: tok.encode(s, add_special_tokens=False).ids,
         threshold=float(bundle.generation["threshold"]),
         max_new_tokens=max_new_tokens,

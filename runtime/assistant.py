@@ -22,10 +22,11 @@ import numpy as np
 from onsight.runtime.assistant_config import AssistantConfig
 from onsight.runtime.backends import make_backend
 from onsight.runtime.bundle import load_bundle
-from onsight.runtime.errors import BundleError, OnsightError
+from onsight.runtime.errors import OnsightError
 from onsight.runtime.events import (
     AnswerEvent,
     Event,
+    EventClock,
     NarrationEvent,
     SourceEvent,
     StatsEvent,
@@ -33,8 +34,11 @@ from onsight.runtime.events import (
 )
 from onsight.runtime.frames import Frame, check_image
 from onsight.runtime.preprocess import letterbox
-from onsight.runtime.stream_loop import FrameOutcome, Sampler, StreamLoop, TemplateIds
-from onsight.runtime.template import build_template_ids
+from onsight.runtime.questions import check_question, question_budget
+from onsight.runtime.stepper import TimedStepper
+from onsight.runtime.stream_loop import FrameOutcome, Sampler, StreamLoop
+from onsight.runtime.template import bundle_template_ids
+from onsight.runtime.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -43,83 +47,25 @@ class _Closed(OnsightError):
     """The Assistant was closed (an OnsightError for callers)."""
 
 
-def question_budget(bundle, t: TemplateIds, max_new_tokens: int) -> int:
-    """The longest question (tokens) whose turn survives any eviction while it is answered.
-
-    An eviction keeps the system prompt and the newest turn (the one being decoded) and
-    brings every layer under (1 - free_fraction) of its capacity; the frame before the
-    question, the question's turn and the longest answer but its last token must fit there
-    in every layer (text is stored in full in routed layers too).
-    """
-    lay = bundle.layout
-    keep = 1.0 - bundle.policy.free_fraction
-    room = min(
-        int(lay.capacity(i) * keep) - (lay.k if i in lay.routed else lay.tokens_per_frame)
-        for i in range(lay.num_layers)
-    )
-    before = 2 + len(t.stream_open)  # fed with the frame: a previous turn's EOS, "\n["
-    turn = len(t.stream_close) + len(t.user_prefix) + len(t.assistant_prefix)
-    return max(0, room - len(t.sink) - before - turn - (max_new_tokens - 1))
-
-
-class _Tokens:
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        try:
-            self.tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise BundleError(
-                f"the bundle's tokenizer {path} cannot be read ({e}); re-export the bundle"
-            ) from e
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
-
-
-class _TimedStepper:
-    """Wraps the stepper to time frame prefill and text decoding separately."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.prefill_ms = 0.0
-        self.decode_ms = 0.0
-
-    def text(self, ids, kind, group):
-        t = time.perf_counter()
-        out = self.inner.text(ids, kind, group)
-        self.decode_ms += (time.perf_counter() - t) * 1e3
-        return out
-
-    def frame(self, ids, embeds, group, keep=None):
-        t = time.perf_counter()
-        if keep is None:  # wrapped steppers need not know about pruning
-            out = self.inner.frame(ids, embeds, group)
-        else:
-            out = self.inner.frame(ids, embeds, group, keep)
-        self.prefill_ms = (time.perf_counter() - t) * 1e3
-        return out
-
-
 class Assistant:
     """A bundle, a backend, a KV cache and the speak-or-stay-silent loop. Thread-safe."""
 
     def __init__(self, engine: str | Path, config: AssistantConfig | None = None):
         self.config = config or AssistantConfig()
         self.bundle = load_bundle(engine)
+        # the tokenizer and its agreement with bundle.json are checked before any session loads
+        self.tokens = Tokens(self.bundle.tokenizer_path)
+        template = bundle_template_ids(self.tokens.tok, self.bundle)
         self.backend = make_backend(self.bundle, self.config.backend, self.config.threads)
         log.info("bundle %s on %s", self.bundle.name, self.backend.name)
-        self.tokens = _Tokens(self.bundle.tokenizer_path)
         gen = self.bundle.generation
         self.fps = float(self.config.fps if self.config.fps is not None else gen.get("fps", 2.0))
-        self._stepper = _TimedStepper(self.backend.stepper())
+        self._stepper = TimedStepper(self.backend.stepper())
         self._questions: deque[str] = deque()  # shared by every loop: ask() never waits
+        self._clock = EventClock()  # stamps each event's wall_time as it is handed out
         self._loop = StreamLoop(
             self._stepper,
-            build_template_ids(self.tokens.tok, self.bundle.template),
+            template,
             encode=self.tokens.encode,
             threshold=float(gen["threshold"]),
             max_new_tokens=int(
@@ -181,18 +127,7 @@ class Assistant:
         Raises OnsightError for a question that is not a string, empty, or longer than the
         bundle's KV cache can hold in one turn (`max_question_tokens`)."""
         self._check_open()
-        if not isinstance(question, str):
-            raise OnsightError(f"ask(): the question must be a str, got {type(question).__name__}")
-        q = question.strip()
-        if not q:
-            raise OnsightError("ask(): the question is empty")
-        n, limit = len(self.tokens.encode(q)), self._max_question
-        if n > limit:
-            raise OnsightError(
-                f"the question is {n} tokens; this bundle's KV cache holds at most {limit} "
-                f"beside an answer of up to {self._max_new_tokens} tokens: ask a shorter "
-                "question (or lower --max-new-tokens, or re-export with a larger --kv-capacity)"
-            )
+        q = check_question(question, self.tokens.encode, self._max_question, self._max_new_tokens)
         self._questions.append(q)  # deque.append is atomic
 
     def answer_now(self) -> list[Event]:
@@ -208,10 +143,10 @@ class Assistant:
                 answers = self._loop.answer_pending()
             except Exception as e:
                 raise OnsightError(f"answering failed after frame {last.index}: {e}") from e
-            return [
+            return self._clock.stamp_all(
                 AnswerEvent(q, self.tokens.decode(ids), last.index, last.timestamp)
                 for q, ids in answers
-            ]
+            )
 
     def max_question_tokens(self) -> int:
         """The longest question (in tokens) `ask()` takes (see `question_budget`)."""
@@ -260,7 +195,7 @@ class Assistant:
             self._stage_ms.update(
                 preprocess=(t1 - t) * 1e3, vision=(time.perf_counter() - t1) * 1e3
             )
-            return warnings + list(self._on_embeds(frame, embeds))
+            return self._clock.stamp_all(warnings + list(self._on_embeds(frame, embeds)))
 
     def narrate(self, source, max_frames: int | None = None) -> Iterator[Event]:
         """Narrate a source (camera index, file, URL, pipeline, image folder, or an open
@@ -307,8 +242,8 @@ class Assistant:
             for item in pipe.run(src):
                 if self._closed:  # closed from another thread: end the stream quietly
                     break
-                if isinstance(item, SourceEvent):
-                    yield item
+                if isinstance(item, SourceEvent):  # made when read, stamped when handed out
+                    yield self._clock.stamp(item)
                     continue
                 frame, embeds = item
                 self._stage_ms.update(pipe.stage_ms())
@@ -319,7 +254,7 @@ class Assistant:
                     events = list(self._on_embeds(frame, embeds))
                 except _Closed:
                     break
-                yield from events
+                yield from map(self._clock.stamp, events)
                 if events and isinstance(events[-1], StatsEvent):
                     last_stats = events[-1]
                 done += 1
@@ -341,7 +276,7 @@ class Assistant:
             if last_stats is None or last_stats.frames_processed != self._processed:
                 final = self.stats()
         if final is not None:
-            yield final
+            yield final  # stamped by stats()
 
     # ---- internals ----
 
@@ -445,7 +380,7 @@ class Assistant:
 
     def stats(self) -> StatsEvent:
         with self._lock, self._working():
-            return self._stats()
+            return self._clock.stamp(self._stats())
 
     def _stats(self) -> StatsEvent:
         cache = self._stepper.inner.cache

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 
 @dataclass(frozen=True)
 class Event:
-    """Base class; `wall_time` is when the event was created (time.time())."""
+    """Base class.
+
+    `wall_time` (seconds since the epoch, as time.time()) is when the Assistant handed the
+    event out: one Assistant's events carry non-decreasing wall_times in the order it hands
+    them out (a clock stepped back repeats the last stamp). A SourceEvent "ended" is thus
+    stamped when it reaches the consumer, after the events of the frames still in flight, not
+    when the capture thread read the end. An event made outside an Assistant carries its
+    creation time.
+    """
 
     wall_time: float = field(default_factory=time.time, kw_only=True)
 
@@ -24,6 +35,28 @@ class Event:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+E = TypeVar("E", bound=Event)
+
+
+class EventClock:
+    """Stamps events' wall_time as they are handed out, never below the previous stamp (events
+    are made on other threads, and earlier, than they are handed out). Thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def stamp(self, event: E) -> E:
+        with self._lock:
+            self._last = max(self._last, self._clock())
+            now = self._last
+        return dataclasses.replace(event, wall_time=now)
+
+    def stamp_all(self, events: Iterable[E]) -> list[E]:
+        return [self.stamp(e) for e in events]
 
 
 @dataclass(frozen=True)

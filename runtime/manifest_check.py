@@ -11,20 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from onsight.runtime.graph_io import RUNTIME_IO, graph_io  # RUNTIME_IO re-exported
+
 GRAPHS = ("vision", "text_step", "frame_step")
 SCHEMA_PATH = Path(__file__).with_name("bundle.schema.json")
 DEFAULT_TOKENIZER = "tokenizer.json"  # where bundles without a `tokenizer` field keep it
-
-# The graph IO names the backends feed and read (ort_backend, trt_backend, trt_build): a
-# bundle that declares others in `io` is refused rather than fed the wrong tensors.
-RUNTIME_IO = {
-    "past_key": "past_key_{layer}",
-    "past_value": "past_value_{layer}",
-    "new_key": "new_key_{layer}",
-    "new_value": "new_value_{layer}",
-    "kept": "kept_{layer}",
-    "masks": {"dense": "dense_mask", "mod": "mod_mask"},
-}
 
 
 # ---- the schema, checked without the jsonschema package (a dev dependency only) ----
@@ -144,34 +135,14 @@ def unsafe_name(name: str) -> bool:
 
 def _expected_outputs(m: dict[str, Any]) -> dict[str, list[str]]:
     """The outputs each graph must declare, in the order the onnxruntime backend reads them."""
-    L = m["model"]["num_layers"]
-    kv = [
-        n.format(layer=i)
-        for i in range(L)
-        for n in (RUNTIME_IO["new_key"], RUNTIME_IO["new_value"])
-    ]
-    kept = [RUNTIME_IO["kept"].format(layer=i) for i in m["mod"]["routed_layers"]]
-    return {
-        "vision": ["frame_embeds"],
-        "text_step": ["logits", *kv],
-        "frame_step": ["logits", *kv, *kept],
-    }
+    io = graph_io(m["model"]["num_layers"], m["mod"]["routed_layers"])
+    return {g: list(io[g].outputs) for g in GRAPHS}
 
 
 def _feedable_inputs(m: dict[str, Any]) -> dict[str, set[str]]:
     """The inputs the backends can feed each graph (a graph may take fewer)."""
-    L = m["model"]["num_layers"]
-    past = {
-        n.format(layer=i)
-        for i in range(L)
-        for n in (RUNTIME_IO["past_key"], RUNTIME_IO["past_value"])
-    }
-    text = {"input_ids", "position_ids", *RUNTIME_IO["masks"].values(), *past}
-    return {
-        "vision": {"frames"},
-        "text_step": text,
-        "frame_step": text | {"frame_embeds", "prev_frame_embeds"},
-    }
+    io = graph_io(m["model"]["num_layers"], m["mod"]["routed_layers"])
+    return {g: set(io[g].inputs) for g in GRAPHS}
 
 
 def consistency_problems(m: dict[str, Any]) -> list[str]:

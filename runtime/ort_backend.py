@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onsight.runtime import graph_io as io_names
 from onsight.runtime.bundle import Bundle
 from onsight.runtime.errors import EngineError
 from onsight.runtime.kv_policy import EvictionPolicy
@@ -59,7 +60,7 @@ def reads_cache_span(sessions: dict) -> bool:
     before that change take the whole capacity."""
     for s in sessions.values():
         for i in s.get_inputs():
-            if i.name == "past_key_0":
+            if i.name == io_names.past_key(0):
                 return not isinstance(i.shape[1], int)
     return False
 
@@ -114,7 +115,7 @@ class OrtSessions:
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, 3) -> (B, N, hidden) float32."""
-        (out,) = self.sessions["vision"].run(None, {"frames": frames})
+        (out,) = self.sessions["vision"].run(None, {io_names.FRAMES: frames})
         return out.astype(np.float32, copy=False)
 
     def close(self) -> None:
@@ -140,20 +141,23 @@ class OrtStepper(CachedStepper):
         self._empty_mod = np.zeros(b.layout.capacity_mod, bool)
         self.dtype = np.dtype(b.layout.dtype)
 
-    def _feeds(self, graph: str, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    def _feeds(self, graph: str, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self.cache
         feeds = dict(extra)
-        feeds["dense_mask"] = c.mask(self._dense) if self._dense is not None else self._empty_dense
-        feeds["mod_mask"] = c.mask(self._mod) if self._mod is not None else self._empty_mod
+        feeds[io_names.DENSE_MASK] = (
+            c.mask(self._dense) if self._dense is not None else self._empty_dense
+        )
+        feeds[io_names.MOD_MASK] = c.mask(self._mod) if self._mod is not None else self._empty_mod
         for i in range(self.layout.num_layers):
-            feeds[f"past_key_{i}"] = c.k[i]
-            feeds[f"past_value_{i}"] = c.v[i]
+            feeds[io_names.past_key(i)] = c.k[i]
+            feeds[io_names.past_value(i)] = c.v[i]
         wanted = self.s.inputs[graph]
         return {k: v for k, v in feeds.items() if k in wanted}
 
     def run_text(self, ids: np.ndarray, positions: np.ndarray) -> TextOut:
         outs = self.s.sessions["text_step"].run(
-            None, self._feeds("text_step", input_ids=ids, position_ids=positions)
+            None,
+            self._feeds("text_step", {io_names.INPUT_IDS: ids, io_names.POSITION_IDS: positions}),
         )
         L = self.layout.num_layers
         return (
@@ -167,10 +171,12 @@ class OrtStepper(CachedStepper):
             None,
             self._feeds(
                 "frame_step",
-                input_ids=ids,
-                frame_embeds=embeds.astype(self.dtype, copy=False),
-                prev_frame_embeds=prev.astype(self.dtype, copy=False),
-                position_ids=positions,
+                {
+                    io_names.INPUT_IDS: ids,
+                    io_names.FRAME_EMBEDS: embeds.astype(self.dtype, copy=False),
+                    io_names.PREV_FRAME_EMBEDS: prev.astype(self.dtype, copy=False),
+                    io_names.POSITION_IDS: positions,
+                },
             ),
         )
         L = self.layout.num_layers

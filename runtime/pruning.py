@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from onsight.runtime.graph_io import FRAME_EMBEDS
+
 
 def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity per token position: (N, hidden) x (N, hidden) -> (N,)."""
@@ -36,6 +38,6 @@ def dycoke_keep(
 def graph_accepts_pruned_frames(session_inputs) -> bool:
     """Bundles exported before dynamic frame tokens have a fixed N: pruning is unavailable."""
     for i in session_inputs:
-        if i.name == "frame_embeds":
+        if i.name == FRAME_EMBEDS:
             return isinstance(i.shape[0], str) or i.shape[0] is None
     return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from onsight.runtime.kv_cache import KVCache, KVLayout
@@ -95,3 +97,28 @@ class CachedStepper:
                 pos = positions
             self.write(i, nk[i], nv[i], pos)
         return logits
+
+
+class TimedStepper:
+    """Wraps a stepper to time frame prefill (the last frame) and text decoding (summed
+    until the caller zeroes `decode_ms`) apart, in milliseconds."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.prefill_ms = 0.0
+        self.decode_ms = 0.0
+
+    def text(self, ids, kind, group):
+        t = time.perf_counter()
+        out = self.inner.text(ids, kind, group)
+        self.decode_ms += (time.perf_counter() - t) * 1e3
+        return out
+
+    def frame(self, ids, embeds, group, keep=None):
+        t = time.perf_counter()
+        if keep is None:  # wrapped steppers need not know about pruning
+            out = self.inner.frame(ids, embeds, group)
+        else:
+            out = self.inner.frame(ids, embeds, group, keep)
+        self.prefill_ms = (time.perf_counter() - t) * 1e3
+        return out

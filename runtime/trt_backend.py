@@ -14,6 +14,7 @@ import logging
 
 import numpy as np
 
+from onsight.runtime import graph_io as io_names
 from onsight.runtime.bundle import Bundle
 from onsight.runtime.errors import EngineError
 from onsight.runtime.kv_policy import EvictionPolicy
@@ -171,9 +172,9 @@ class TrtBackend:
         self.stream = None
         self._runtime = None
         profiles = meta.get("profiles") or {}
-        frames = profiles.get("vision", {}).get("frames")
+        frames = profiles.get("vision", {}).get(io_names.FRAMES)
         self._max_frames = int(frames[2][0]) if frames else 1  # the vision plan's largest batch
-        ids = profiles.get("text_step", {}).get("input_ids")
+        ids = profiles.get("text_step", {}).get(io_names.INPUT_IDS)
         # the text plan's longest step; DeviceStepper splits longer text (a long prompt)
         self.max_text_tokens = int(ids[2][0]) if ids else None
         self.cudart = _cudart()
@@ -320,11 +321,9 @@ class TrtBackend:
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, 3) -> (B, N, hidden) float32, in batches the vision plan takes."""
-        step = max(1, self._max_frames)
+        step, embeds = max(1, self._max_frames), io_names.FRAME_EMBEDS
         parts = [
-            self.run("vision", {"frames": frames[i : i + step]}, fetch=("frame_embeds",))[
-                "frame_embeds"
-            ]
+            self.run("vision", {io_names.FRAMES: frames[i : i + step]}, fetch=(embeds,))[embeds]
             for i in range(0, len(frames), step)
         ]
         return np.concatenate(parts).astype(np.float32, copy=False)
@@ -447,33 +446,40 @@ class DeviceStepper(CachedStepper):
             )
         self.cache.advance(i, positions)
 
-    def _run(self, graph: str, fetch: tuple[str, ...], **feeds) -> dict:
-        feeds["dense_mask"], feeds["mod_mask"] = self._dense_mask, self._mod_mask
+    def _run(self, graph: str, fetch: tuple[str, ...], feeds: dict) -> dict:
+        feeds = {**feeds, io_names.DENSE_MASK: self._dense_mask, io_names.MOD_MASK: self._mod_mask}
         for i in range(self.layout.num_layers):
-            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = self.k[i], self.v[i]
+            feeds[io_names.past_key(i)], feeds[io_names.past_value(i)] = self.k[i], self.v[i]
         return self.b.run(graph, feeds, fetch=fetch)
 
     def _new_kv(self, out: dict) -> tuple[list, list]:
         L = self.layout.num_layers
-        return [out[f"new_key_{i}"] for i in range(L)], [out[f"new_value_{i}"] for i in range(L)]
+        keys = [out[io_names.new_key(i)] for i in range(L)]
+        return keys, [out[io_names.new_value(i)] for i in range(L)]
 
     def run_text(self, ids: np.ndarray, positions: np.ndarray) -> TextOut:
-        out = self._run("text_step", ("logits",), input_ids=ids, position_ids=positions)
-        return (np.asarray(out["logits"], np.float32), *self._new_kv(out))
+        out = self._run(
+            "text_step",
+            (io_names.LOGITS,),
+            {io_names.INPUT_IDS: ids, io_names.POSITION_IDS: positions},
+        )
+        return (np.asarray(out[io_names.LOGITS], np.float32), *self._new_kv(out))
 
     def run_frame(self, ids, embeds, prev, positions) -> FrameOut:
         dt = np.dtype(self.layout.dtype)
-        kept = tuple(f"kept_{i}" for i in self.all_routed)
+        kept_names = tuple(io_names.kept(i) for i in self.all_routed)
         out = self._run(
             "frame_step",
-            ("logits", *kept),
-            input_ids=ids,
-            frame_embeds=embeds.astype(dt),
-            prev_frame_embeds=prev.astype(dt),
-            position_ids=positions,
+            (io_names.LOGITS, *kept_names),
+            {
+                io_names.INPUT_IDS: ids,
+                io_names.FRAME_EMBEDS: embeds.astype(dt),
+                io_names.PREV_FRAME_EMBEDS: prev.astype(dt),
+                io_names.POSITION_IDS: positions,
+            },
         )
-        logits = np.asarray(out["logits"], np.float32)
-        return (logits, *self._new_kv(out), [np.asarray(out[k]) for k in kept])
+        logits = np.asarray(out[io_names.LOGITS], np.float32)
+        return (logits, *self._new_kv(out), [np.asarray(out[k]) for k in kept_names])
 
 
 TrtStepper = DeviceStepper  # the name it had before onnxruntime's CUDA path shared it

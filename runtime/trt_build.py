@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onsight.runtime import graph_io as io_names
 from onsight.runtime.bundle import Bundle, load_bundle, write_manifest
 from onsight.runtime.errors import BundleError, ExportError, OnsightError
 
@@ -141,28 +142,28 @@ def _profiles(bundle) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
     cache: dict[str, tuple[tuple[int, ...], ...]] = {}
     for i in range(lay.num_layers):
         shape = (lay.kv_heads, lay.capacity(i), lay.head_dim)
-        cache[f"past_key_{i}"] = cache[f"past_value_{i}"] = (shape, shape, shape)
-    cache["dense_mask"] = ((lay.capacity_dense,),) * 3
-    cache["mod_mask"] = ((lay.capacity_mod,),) * 3
+        cache[io_names.past_key(i)] = cache[io_names.past_value(i)] = (shape, shape, shape)
+    cache[io_names.DENSE_MASK] = ((lay.capacity_dense,),) * 3
+    cache[io_names.MOD_MASK] = ((lay.capacity_mod,),) * 3
     return {
         "vision": {
-            "frames": (
+            io_names.FRAMES: (
                 (1, bundle.image_size, bundle.image_size, 3),
                 (1, bundle.image_size, bundle.image_size, 3),
                 (4, bundle.image_size, bundle.image_size, 3),
             )
         },
         "text_step": {
-            "input_ids": ((1,), (1,), (MAX_STEP_TOKENS,)),
-            "position_ids": ((1,), (1,), (MAX_STEP_TOKENS,)),
+            io_names.INPUT_IDS: ((1,), (1,), (MAX_STEP_TOKENS,)),
+            io_names.POSITION_IDS: ((1,), (1,), (MAX_STEP_TOKENS,)),
             **cache,
         },
         "frame_step": {
-            "input_ids": ((1,), (1,), (MAX_FRAME_TEXT,)),
-            "position_ids": ((1 + k,), (1 + n,), (MAX_FRAME_TEXT + n,)),
+            io_names.INPUT_IDS: ((1,), (1,), (MAX_FRAME_TEXT,)),
+            io_names.POSITION_IDS: ((1 + k,), (1 + n,), (MAX_FRAME_TEXT + n,)),
             # frames may be pruned to as few as k tokens (DyCoke-style), never fewer
-            "frame_embeds": ((k, hidden), (n, hidden), (n, hidden)),
-            "prev_frame_embeds": ((k, hidden), (n, hidden), (n, hidden)),
+            io_names.FRAME_EMBEDS: ((k, hidden), (n, hidden), (n, hidden)),
+            io_names.PREV_FRAME_EMBEDS: ((k, hidden), (n, hidden), (n, hidden)),
             **cache,
         },
     }

@@ -477,3 +477,58 @@ def test_skipped_duplicate_frames_are_counted_apart_from_dropped_ones():
             a.push(frame, i * 0.5)
         st = a.stats()
     assert (st.frames_processed, st.frames_skipped, st.frames_dropped) == (1, 2, 0)
+
+
+# ---- wall_time: when an event is handed out, never decreasing ----
+
+
+def test_an_ended_event_read_before_the_last_frames_is_stamped_after_their_stats():
+    """Regression: the capture thread makes "ended" when it reads the end, while frames it
+    read before are still in flight; its wall_time was earlier than their StatsEvents'."""
+    from onsight.runtime.capture import Source, SourceKind
+    from onsight.runtime.events import SourceEvent
+    from onsight.runtime.frames import Frame
+
+    class EndsEarly(Source):
+        def __init__(self):
+            super().__init__("ends-early", SourceKind.FILE)
+            self.ended = self._event("ended", "end of input")  # read before any frame is done
+
+        def __iter__(self):
+            for i in range(3):
+                yield Frame(FRAME, i * 0.5, i)
+            yield self.ended
+
+        def close(self):
+            pass
+
+    src = EndsEarly()
+    time.sleep(0.01)  # the frames' events are made strictly later than the end was read
+    with Assistant(DEMO, AssistantConfig(stats_every=1, realtime=False)) as a:
+        events = list(a.narrate(src))
+    times = [e.wall_time for e in events]
+    assert times == sorted(times)
+    assert [type(e) for e in events[-2:]] == [StatsEvent, SourceEvent]
+    assert events[-1].status == "ended" and events[-1].wall_time > src.ended.wall_time
+
+
+def test_event_clock_never_goes_back_when_the_wall_clock_does():
+    from onsight.runtime.events import EventClock, WarningEvent
+
+    readings = iter([100.0, 99.0, 101.0])  # the system clock stepped back in between
+    clock = EventClock(lambda: next(readings))
+    made = [WarningEvent(m, wall_time=0.0) for m in "abc"]
+    stamped = clock.stamp_all(made)
+    assert [e.wall_time for e in stamped] == [100.0, 100.0, 101.0]
+    assert [e.message for e in stamped] == ["a", "b", "c"]
+
+
+def test_events_of_push_answer_now_and_stats_share_one_non_decreasing_clock(demo):
+    demo.ask("how many objects are there?")
+    events = [e for i in range(3) for e in demo.push(FRAME, i * 0.5)]
+    demo.ask("what colour is the square?")
+    events += demo.answer_now()
+    events.append(demo.stats())
+    assert [type(e) for e in events[-2:]] == [AnswerEvent, StatsEvent]
+    times = [e.wall_time for e in events]
+    assert times == sorted(times) and times[0] > 0

@@ -224,6 +224,63 @@ def test_graph_outputs_in_an_order_the_runtime_does_not_read_are_refused(demo):
         load_bundle(demo)
 
 
+def test_the_graphs_take_and_give_the_names_the_backends_feed_and_read():
+    """One list of names (runtime/graph_io.py) for the exporter, the check and the backends:
+    the shipped graphs declare exactly what it lists, and take no input it cannot feed."""
+    import onnxruntime as ort
+
+    from onsight.runtime.graph_io import graph_io
+
+    m = manifest(DEMO)
+    io = graph_io(m["model"]["num_layers"], m["mod"]["routed_layers"])
+    for g in GRAPHS:
+        assert m["graphs"][g]["inputs"] == list(io[g].inputs)
+        assert m["graphs"][g]["outputs"] == list(io[g].outputs)
+        session = ort.InferenceSession(str(DEMO / m["graphs"][g]["file"]))
+        assert [o.name for o in session.get_outputs()] == list(io[g].outputs)
+        assert {i.name for i in session.get_inputs()} <= set(io[g].inputs)
+
+
+@pytest.mark.parametrize(
+    "field, recorded, match",
+    [
+        (
+            "interval",
+            14,
+            r"token_ids\.interval = 14 for the interval token ',', but its tokenizer"
+            r" \(tokenizer\.json\) gives 13",
+        ),
+        ("eos", 7, r"token_ids\.eos = 7 for the end-of-turn token '<\|eot_id\|>'.* gives 1;"),
+        ("v", None, r"token_ids\.v = null for the vision token '<v>'.* gives 485"),
+        ("sink_length", 12, r"token_ids\.sink_length = 12 for the system prompt.* gives 9"),
+    ],
+)
+def test_token_ids_the_tokenizer_disagrees_with_are_refused_before_any_session_loads(
+    demo, monkeypatch, field, recorded, match
+):
+    from onsight.runtime import assistant
+    from onsight.runtime.assistant import Assistant
+
+    edit(demo, lambda m: m["token_ids"].update({field: recorded}))
+    monkeypatch.setattr(assistant, "make_backend", lambda *a: pytest.fail("sessions loaded"))
+    with pytest.raises(BundleError, match=match + ".*re-export the bundle"):
+        Assistant(demo)
+
+
+def test_the_runtime_decides_and_stops_on_the_ids_bundle_json_records(demo):
+    from tokenizers import Tokenizer
+
+    from onsight.runtime.template import build_template_ids, bundle_template_ids
+
+    b = load_bundle(demo)
+    tok = Tokenizer.from_file(str(b.tokenizer_path))
+    ids = bundle_template_ids(tok, b)
+    recorded = b.manifest["token_ids"]
+    assert (ids.interval_id, ids.eos_id) == (recorded["interval"], recorded["eos"])
+    assert len(ids.sink) == recorded["sink_length"]
+    assert ids == build_template_ids(tok, b.template)  # what the exporter recorded them from
+
+
 # ---- checksums ----
 
 
