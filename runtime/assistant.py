@@ -9,7 +9,6 @@ LLM (onnxruntime releases the GIL); the LLM loop runs in the thread that iterate
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter, deque
@@ -32,7 +31,7 @@ from onsight.runtime.events import (
     StatsEvent,
     WarningEvent,
 )
-from onsight.runtime.frames import Frame, check_image
+from onsight.runtime.frames import Frame, check_image, check_timestamp
 from onsight.runtime.preprocess import letterbox
 from onsight.runtime.questions import check_question, question_budget
 from onsight.runtime.stepper import TimedStepper
@@ -159,22 +158,21 @@ class Assistant:
         give BGR, so pass `cv2.cvtColor(img, cv2.COLOR_BGR2RGB)` (or `img[..., ::-1]`), else
         colours come out swapped. `timestamp` is in seconds (None: `time.monotonic()`);
         a timestamp earlier than the last one is accepted with a WarningEvent.
-        Raises OnsightError for a frame or timestamp it cannot take (and counts no frame)."""
+        Raises OnsightError for a frame or timestamp it cannot take, or while `narrate()`
+        runs on this Assistant (and counts no frame)."""
         self._check_open()
         img = check_image(image)
-        if timestamp is None:
-            ts = None  # read under the lock below, so threads' clocks stay in order
-        else:
-            try:
-                ts = float(timestamp)
-            except (TypeError, ValueError):
-                raise OnsightError(
-                    f"push(): timestamp must be seconds as a number, got {timestamp!r}"
-                ) from None
-            if not math.isfinite(ts):
-                raise OnsightError(f"push(): timestamp must be finite, got {timestamp!r}")
+        # None is read under the lock below, so threads' clocks stay in order
+        ts = None if timestamp is None else check_timestamp(timestamp)
         warnings: list[Event] = []
         with self._lock:
+            if self._narrating:
+                # the pushed frame would land between the source's frames in the KV cache
+                # (the stream's memory) and reuse their frame indices
+                raise OnsightError(
+                    "push(): this Assistant is narrating a source; one Assistant takes one "
+                    "stream: push to another Assistant, or push after narrate() has ended"
+                )
             if ts is None:
                 ts = time.monotonic()
             if self._last_timestamp is not None and ts < self._last_timestamp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +36,11 @@ def check_image(image: object) -> np.ndarray:
     elif image.ndim == 4 and image.shape[0] == 1:
         hint = "; one frame at a time: img[0]"
     elif image.ndim == 3 and image.shape[2] == 3 and dtype != np.uint8:
-        if dtype.kind == "f":
-            hint = "; floats in [0, 1]: (img * 255).clip(0, 255).astype(np.uint8)"
+        if dtype.kind == "f":  # both ranges are common; scaling 0..255 by 255 gives white
+            hint = (
+                "; floats in [0, 1]: (img * 255).clip(0, 255).astype(np.uint8), "
+                "floats in [0, 255]: img.clip(0, 255).astype(np.uint8)"
+            )
         else:
             hint = "; convert to 8 bits per channel, e.g. (img >> 8).astype(np.uint8) for 16"
     if image.ndim != 3 or image.shape[2] != 3 or dtype != np.uint8:
@@ -46,3 +50,32 @@ def check_image(image: object) -> np.ndarray:
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise OnsightError(f"push(): the frame is empty ({shape})")
     return np.ascontiguousarray(image)
+
+
+TIMESTAMP_HOW = "give seconds as a float or int (a ROS 2 stamp: stamp.sec + stamp.nanosec * 1e-9)"
+
+
+def check_timestamp(timestamp: object) -> float:
+    """The timestamp `push` takes, finite seconds as a float, or an OnsightError saying how
+    to give one. Text and booleans are refused though float() would take them: a str or a
+    bool given as a time is a bug in the caller, not a time."""
+    if isinstance(timestamp, (str, bytes, bool, np.bool_)):
+        raise OnsightError(
+            f"push(): timestamp must be seconds as a number, got "
+            f"{type(timestamp).__name__} {timestamp!r}; {TIMESTAMP_HOW}"
+        )
+    try:
+        ts = float(timestamp)  # type: ignore[arg-type]
+    except OverflowError:
+        shown = repr(timestamp)  # an int of hundreds of digits: its start says enough
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise OnsightError(
+            f"push(): timestamp {shown} is too large for seconds; {TIMESTAMP_HOW}"
+        ) from None
+    except (TypeError, ValueError):
+        raise OnsightError(
+            f"push(): timestamp must be seconds as a number, got {timestamp!r}; {TIMESTAMP_HOW}"
+        ) from None
+    if not math.isfinite(ts):
+        raise OnsightError(f"push(): timestamp must be finite, got {timestamp!r}")
+    return ts
