@@ -112,6 +112,28 @@ def save_llm_as_released(
     return out_dir
 
 
+# The text half of a whole SigLIP / CLIP release, which the loaders must skip.
+TINY_TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+)
+
+
+def _tiny_tower(hidden: int, image_size: int) -> dict[str, int]:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+    )
+
+
 def save_full_siglip(
     out_dir: Path,
     hidden: int = 48,
@@ -124,23 +146,8 @@ def save_full_siglip(
     from transformers import SiglipConfig, SiglipModel
 
     torch.manual_seed(seed)
-    vision = dict(
-        hidden_size=hidden,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=8,
-    )
-    text = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-    )
-    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).to(dtype)
+    vision = _tiny_tower(hidden, image_size)
+    model = SiglipModel(SiglipConfig(text_config=TINY_TEXT, vision_config=vision)).to(dtype)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size or "5GB")
     return out_dir
 
@@ -180,23 +187,8 @@ def save_full_clip(out_dir: Path, hidden: int = 48, image_size: int = 32, seed: 
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    vision = dict(
-        hidden_size=hidden,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=8,
-        hidden_act="quick_gelu",
-    )
-    text = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-    )
+    vision = {**_tiny_tower(hidden, image_size), "hidden_act": "quick_gelu"}
+    text = TINY_TEXT
     cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     CLIPModel(cfg).save_pretrained(out_dir)
     raw = json.loads((out_dir / "config.json").read_text())

@@ -231,6 +231,31 @@ def test_router_loss_with_the_actor_target():
         router_loss([right], batch, "nearest")
 
 
+def test_router_loss_with_the_onset_target():
+    """"onset": the scene target, except on a just-begun move's frames, where only the mover's
+    cell and the pooled token count (a still object's cell there is no longer a goal)."""
+    from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, COLOURS
+    from onsight.exporter.demo.objective import router_loss
+
+    change = torch.zeros(1, 2, 10, CHANGE_DIM)
+    change[0, :, 4, -1] = change[0, :, 0, -1] = 1.0  # both frames: something moves in cell 4
+    change[0, 1, :, 0] = 1.0  # frame 1: an event, so every occupied cell is a scene goal
+    aux = torch.zeros(1, 2, 10, AUX_DIM)
+    aux[0, :, 7, COLOURS.index("red")] = 1.0  # a still object in cell 7
+    onset = torch.zeros(1, 2, 10)
+    onset[0, 1, 4] = onset[0, 1, 0] = 1.0  # frame 1: the move began
+    batch = {"change": change, "aux": aux, "onset": onset}
+    mover = torch.zeros(1, 2, 10)
+    mover[0, :, 4] = mover[0, :, 0] = 6.0
+    still = mover.clone()
+    still[0, :, 7] = 6.0
+    assert router_loss([mover], batch, "onset") < router_loss([still], batch, "onset")
+    # the scene target wants the still object's cell at the event frame too
+    assert router_loss([still], batch, "scene") < router_loss([mover], batch, "scene")
+    no_onset = {**batch, "onset": torch.zeros_like(onset)}
+    assert torch.isclose(router_loss([still], no_onset, "onset"), router_loss([still], batch))
+
+
 def test_distillation_pulls_toward_the_teacher_and_needs_its_tokenizer(tmp_path):
     """--distill-from: the KL toward a teacher is 0 for a copy of the student, positive for
     another model, and enters the logged loss; a teacher with other token ids is refused."""

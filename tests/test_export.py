@@ -179,48 +179,22 @@ def test_tokens_per_frame_option_changes_grid(native_model, tmp_path):
     assert manifest["parity"]["passed"]
 
 
+def _onsight(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "onsight.runtime.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def test_cli_export_and_info(native_ckpt, tmp_path):
     out = tmp_path / "engines" / "tiny"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "onsight.runtime.cli",
-            "export",
-            str(native_ckpt),
-            "--out",
-            str(out),
-            "--keep-ratio",
-            "0.2",
-            "--kv-capacity",
-            "512",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = _onsight(
+        "export", str(native_ckpt), "--out", str(out), "--keep-ratio", "0.2", "--kv-capacity", "512"
     )
     assert r.returncode == 0, r.stderr
     assert "[1/4]" in r.stderr and "parity" in r.stderr
     assert "keep ratio 0.2 (k=2)" in r.stdout
-    r = subprocess.run(
-        [sys.executable, "-m", "onsight.runtime.cli", "info", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    r = _onsight("info", str(out))
     assert r.returncode == 0 and "frames that fit" in r.stdout and "parity    passed" in r.stdout
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "onsight.runtime.cli",
-            "export",
-            str(native_ckpt),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = _onsight("export", str(native_ckpt), "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
 
 

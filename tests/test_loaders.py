@@ -25,6 +25,7 @@ from ckpt_builders import (
     tokenizer_without_v,
 )
 from safetensors.torch import load_file, save_file
+from test_reference_model import Recorder
 from tokenizers import Tokenizer
 
 from onsight.exporter.config import ModConfig
@@ -90,23 +91,6 @@ def test_detect_format(ck, compose_model, tmp_path):
 
 
 # ---- VideoLLM-online ----
-
-
-class Recorder:
-    """Wraps the reference loop's stepper; records each step's input and logits."""
-
-    def __init__(self, inner):
-        self.inner, self.log = inner, []
-
-    def text(self, ids, kind, group):
-        out = self.inner.text(ids, kind, group)
-        self.log.append((Segment(ids=tuple(ids)), out))
-        return out
-
-    def frame(self, ids, embeds, group):
-        out = self.inner.frame(ids, embeds, group)
-        self.log += [(Segment(ids=tuple(ids)), None), (Segment(frame=embeds), out)]
-        return out
 
 
 def _peft_oracle(ck):

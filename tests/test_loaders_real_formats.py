@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -261,28 +262,57 @@ def test_qwen2_window_that_reaches_no_layer_limits_nothing(ck, tmp_path, caplog)
 # ---- broken LLM directories ----
 
 
-def test_malformed_rope_scaling_names_the_config(ck, tmp_path):  # noqa: F811
+def _set(**changes):
+    return lambda llm: edit_json(llm / "config.json", **changes)
+
+
+def _write(name, text):
+    return lambda llm: (llm / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        pytest.param(
+            _set(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+            ["not a valid LlamaConfig", "config.json", "low_freq_factor"],
+            id="malformed-rope-scaling",
+        ),
+        pytest.param(
+            _set(hidden_size="64"),
+            ["key 'hidden_size' is \"64\", expected a whole number"],
+            id="size-as-text",
+        ),
+        pytest.param(
+            _set(architectures="LlamaForCausalLM"),
+            ["expected a list like"],
+            id="architectures-not-a-list",
+        ),
+        pytest.param(
+            _write("config.json", "[]"),
+            ["config.json", "holds a JSON list, not an object"],
+            id="config-not-an-object",
+        ),
+        # a list naming the keys: `"bos_token" in tc` holds, and tc.get would be AttributeError
+        pytest.param(
+            _write("tokenizer_config.json", '["bos_token", "eos_token"]'),
+            ["tokenizer_config.json: holds a JSON list, not an object"],
+            id="tokenizer-config-not-an-object",
+        ),
+    ],
+)
+def test_broken_llm_config_is_refused_naming_the_file_and_key(
+    ck,  # noqa: F811
+    tmp_path,
+    breakage,
+    expected,
+):
     llm = copy_dir(ck.base, tmp_path / "llm")
-    edit_json(llm / "config.json", rope_scaling={"rope_type": "llama3", "factor": 8.0})
-    msg = _raises("not a valid LlamaConfig", llm, vision=ck.siglip_vision, projector=ck.proj)
-    assert "config.json" in msg and "low_freq_factor" in msg
-
-
-def test_llm_config_size_given_as_text_is_refused(ck, tmp_path):  # noqa: F811
-    llm = copy_dir(ck.base, tmp_path / "llm")
-    edit_json(llm / "config.json", hidden_size="64")
-    _raises(
-        "key 'hidden_size' is \"64\", expected a whole number",
-        llm,
-        vision=ck.siglip_vision,
-        projector=ck.proj,
-    )
-
-
-def test_architectures_not_a_list_is_refused(ck, tmp_path):  # noqa: F811
-    llm = copy_dir(ck.base, tmp_path / "llm")
-    edit_json(llm / "config.json", architectures="LlamaForCausalLM")
-    _raises("expected a list like", llm, vision=ck.siglip_vision, projector=ck.proj)
+    breakage(llm)
+    # fmt given: with config.json broken, detecting the format would fail first
+    kw = {"vision": ck.siglip_vision, "projector": ck.proj, "fmt": "compose"}
+    msg = _raises(re.escape(expected[0]), llm, **kw)
+    assert all(part in msg for part in expected)
 
 
 def test_llm_weights_with_no_place_in_the_config_are_refused(ck, tmp_path):  # noqa: F811
@@ -300,30 +330,6 @@ def test_llm_without_tokenizer_json_says_how_to_write_it(ck, tmp_path):  # noqa:
     (llm / "tokenizer.model").write_bytes(b"\0")  # a sentencepiece model, as Mistral ships
     msg = _raises("tokenizer.json: missing", llm, vision=ck.siglip_vision, projector=ck.proj)
     assert "tokenizer.model" in msg and "backend_tokenizer.save" in msg
-
-
-def test_config_json_that_is_not_an_object_is_refused(ck, tmp_path):  # noqa: F811
-    llm = copy_dir(ck.base, tmp_path / "llm")
-    (llm / "config.json").write_text("[]")
-    _raises(
-        "holds a JSON list, not an object",
-        llm,
-        vision=ck.siglip_vision,
-        projector=ck.proj,
-        fmt="compose",
-    )
-
-
-def test_tokenizer_config_that_is_not_an_object_is_refused(ck, tmp_path):  # noqa: F811
-    llm = copy_dir(ck.base, tmp_path / "llm")
-    # a list naming the keys: `"bos_token" in tc` holds, and tc.get would be AttributeError
-    (llm / "tokenizer_config.json").write_text('["bos_token", "eos_token"]')
-    _raises(
-        "tokenizer_config.json: holds a JSON list, not an object",
-        llm,
-        vision=ck.siglip_vision,
-        projector=ck.proj,
-    )
 
 
 def test_untied_llm_without_lm_head_names_tie_word_embeddings(ck, tmp_path):  # noqa: F811

@@ -302,7 +302,7 @@ def _kl(
     return (weight * kl).sum() / weight.sum()
 
 
-ROUTER_TARGETS = ("scene", "actor")
+ROUTER_TARGETS = ("scene", "actor", "onset")
 
 
 def router_loss(
@@ -314,20 +314,26 @@ def router_loss(
     target "scene": the cells with a moving object, every object's cell at an event frame, and
     the pooled token whenever something moves (stage 3 of the demo model). "actor": only what
     a narration is about (`data.actor_targets`): the moving objects' cells, the acting object's
-    cell at an object event, the pooled token at a global one.
+    cell at an object event, the pooled token at a global one. "onset": as "scene", except on
+    the frames a move has just begun (`data.onset_targets`), where only the mover's cell and
+    the pooled token count: the kept tokens are then the ones a move's narration must read.
 
     Listwise (softmax over the frame's tokens), so it ranks tokens without moving the scores'
     level, which also gates the kept tokens' updates (sigmoid of the score).
     """
+    if target not in ROUTER_TARGETS:
+        raise ValueError(f"router target {target!r}: expected one of {ROUTER_TARGETS}")
     if target == "actor":
         goal = batch["actor"]  # (B, F, N)
-    elif target == "scene":
+    else:
         change = batch["change"]  # (B, F, N, CHANGE_DIM): event kinds..., moving
         present = batch["aux"][..., : len(COLOURS)].amax(-1)  # (B, F, N) an object in the cell
         event = change[..., :-1].amax(-1)  # (B, F, N) an event at this frame
         goal = torch.maximum(change[..., -1], present * event)
-    else:
-        raise ValueError(f"router target {target!r}: expected one of {ROUTER_TARGETS}")
+        if target == "onset":
+            # on the frames a move has just begun, only the mover's cell and the pooled token
+            onset = batch["onset"]
+            goal = torch.where(onset.amax(-1, keepdim=True) > 0, onset, goal)
     mass = goal.sum(-1, keepdim=True)
     has = mass.squeeze(-1) > 0  # frames where something happens
     if not bool(has.any()):

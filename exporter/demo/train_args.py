@@ -165,7 +165,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="scene",
         choices=ROUTER_TARGETS,
         help="with --router-weight, what the routers learn to keep: the scene's moving and "
-        "event cells and the pooled token (scene), or only what a narration is about (actor)",
+        "event cells and the pooled token (scene), only what a narration is about (actor), or "
+        "scene except that a just-begun move's frames keep its mover and the pooled token (onset)",
     )
     p.add_argument(
         "--distill-from",
