@@ -232,7 +232,7 @@ def test_router_loss_with_the_actor_target():
 
 
 def test_router_loss_with_the_onset_target():
-    """"onset": the scene target, except on a just-begun move's frames, where only the mover's
+    """ "onset": the scene target, except on a just-begun move's frames, where only the mover's
     cell and the pooled token count (a still object's cell there is no longer a goal)."""
     from onsight.exporter.demo.data import AUX_DIM, CHANGE_DIM, COLOURS
     from onsight.exporter.demo.objective import router_loss
