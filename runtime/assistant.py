@@ -171,7 +171,8 @@ class Assistant:
                 # (the stream's memory) and reuse their frame indices
                 raise OnsightError(
                     "push(): this Assistant is narrating a source; one Assistant takes one "
-                    "stream: push to another Assistant, or push after narrate() has ended"
+                    "stream: push to another Assistant, or push after narrate() has ended "
+                    "(iterated to its end, or its iterator closed with .close())"
                 )
             if ts is None:
                 ts = time.monotonic()

@@ -77,5 +77,5 @@ def check_timestamp(timestamp: object) -> float:
             f"push(): timestamp must be seconds as a number, got {timestamp!r}; {TIMESTAMP_HOW}"
         ) from None
     if not math.isfinite(ts):
-        raise OnsightError(f"push(): timestamp must be finite, got {timestamp!r}")
+        raise OnsightError(f"push(): timestamp must be finite, got {timestamp!r}; {TIMESTAMP_HOW}")
     return ts

@@ -267,7 +267,7 @@ def test_token_ids_the_tokenizer_disagrees_with_are_refused_before_any_session_l
         Assistant(demo)
 
 
-def test_the_runtime_decides_and_stops_on_the_ids_bundle_json_records(demo):
+def test_bundle_template_ids_are_the_ids_the_exporter_recorded(demo):
     from tokenizers import Tokenizer
 
     from onsight.runtime.template import build_template_ids, bundle_template_ids

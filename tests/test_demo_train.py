@@ -371,6 +371,22 @@ def test_mover_questions_reach_the_training_batches(tmp_path):
         parse_args(["--out", str(tmp_path / "r"), "--onset-questions", "-1"])
 
 
+def test_warm_start_between_change_targets_starts_the_mid_head_fresh(tmp_path, caplog):
+    """--init-from a run whose --change-layer head reads the change targets into one that reads
+    the onset (a head of another width), and back: the head starts fresh, said in the log."""
+    from onsight.exporter.demo.train import train
+
+    torch.set_num_threads(1)
+    base = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=6, warmup=1, change_layer=2)
+    train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
+    onset = dataclasses.replace(base, change_target="onset", init_from=str(tmp_path / "a"))
+    with caplog.at_level("INFO", logger="onsight.exporter.demo.train"):
+        train(tmp_path / "b", onset, "cpu", resume=False, minutes=None)
+    assert "auxiliary heads ['change_mid'] differ" in caplog.text
+    back = dataclasses.replace(base, init_from=str(tmp_path / "b"))
+    train(tmp_path / "c", back, "cpu", resume=False, minutes=None)
+
+
 def test_warm_start_with_other_routed_layers(tmp_path):
     """--mod-layers interleaved-even from a run that routed 1, 3 (e.g. the twin's weights):
     everything but the routers carries over; the routers of layers 0 and 2 start fresh."""
@@ -444,7 +460,8 @@ def test_onset_head_reads_the_onset_targets_weighed_up(demo_tok):
     head = nn.Linear(model.cfg.llm_hidden, 1)
     interval = tok.token_to_id(",")
     base = compute_loss(model, t, interval, 3.0, 0.5, aux_head=None)
-    with_onset = compute_loss(model, t, interval, 3.0, 0.5, aux_head=None, change_mid=(2, head))
+    mid = (2, head, "onset")
+    with_onset = compute_loss(model, t, interval, 3.0, 0.5, aux_head=None, change_mid=mid)
     taps = {2: None}
     batched_hidden(model, t["ids"], t["frames"], t["frame_pos"], taps=taps)
     fp = t["frame_pos"].flatten(1)

@@ -114,6 +114,24 @@ def test_quitting_while_the_bundle_loads_closes_the_engine_when_it_arrives(tmp_p
     assert sources == []  # the source was never opened
 
 
+def test_an_engine_that_arrives_after_release_gave_up_waiting_is_closed(tmp_path):
+    """A load slower than the release's wait (a first TensorRT build): release() closes the
+    rest and returns; the engine, when it arrives, is closed by the worker, not leaked."""
+    engine, loading, sources = CountingEngine(), threading.Event(), []
+
+    def slow_factory():
+        loading.wait(5)
+        return engine
+
+    run, posted, transcript, worker = start_run(tmp_path, slow_factory, sources)
+    run.timeout_s = 0.05
+    run.release()
+    assert run.released.is_set() and transcript.closes == 1 and engine.closes == 0
+    loading.set()
+    worker.join(5)
+    assert engine.closes == 1 and run.engine is None and sources == []
+
+
 def test_an_engine_that_fails_to_close_still_gets_the_transcript_closed(tmp_path, caplog):
     engine, sources = CountingEngine(fail_close=True), []
     run, posted, transcript, worker = start_run(tmp_path, lambda: engine, sources)

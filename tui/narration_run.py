@@ -46,7 +46,8 @@ class NarrationRun:
     """One engine narrating one source for the app.
 
     Shared between worker threads and the UI thread: each attribute is written by one side
-    only or is an Event."""
+    only or is an Event, except `engine`, which the worker sets and release() takes, both
+    under the release lock."""
 
     def __init__(
         self,
@@ -96,7 +97,13 @@ class NarrationRun:
             if engine is None:
                 self._post(Status("loading engine ..."))
                 engine = self._engine_factory()
-                self.engine = engine  # before the stop check: release closes it either way
+                with self._release_lock:
+                    if self.released.is_set():
+                        # release() gave up waiting for a slow load (SHUTDOWN_TIMEOUT_S) and
+                        # closed everything else: the engine is this thread's to close
+                        engine.close()
+                        return
+                    self.engine = engine  # release closes it from here on
                 if self.stop.is_set():
                     return
                 fps = self._fps or getattr(engine, "fps", None)

@@ -191,7 +191,7 @@ def compute_loss(
     teacher: StreamingModel | None = None,
     distill_weight: float = 0.0,
     router_target: str = "scene",
-    change_mid: tuple[int, nn.Module] | None = None,
+    change_mid: tuple[int, nn.Module] | tuple[int, nn.Module, str] | None = None,
     name_ids: torch.Tensor | None = None,
     name_weight: float = 1.0,
 ) -> LossParts:
@@ -223,15 +223,14 @@ def compute_loss(
         # The same change targets read where text still reads every vision token's key (the
         # input of the last layer all of them pass, with MoD): what moved must be there, not
         # only in final states that no later layer attends to.
-        layer, head = change_mid
+        layer, head, target = (*change_mid, "change")[:3]
         fp = batch["frame_pos"].flatten(1)
         xv = taps[layer].gather(1, fp[..., None].expand(-1, -1, x.shape[-1])).float()
-        if head.out_features == 1:  # the "onset" target: rare positives, weighed up
-            target = batch["onset"]
-            pred = head(rms_normalise(xv)).view(target.shape)
-            aux = aux + F.binary_cross_entropy_with_logits(
-                pred, target, pos_weight=torch.tensor(ONSET_POS_WEIGHT)
-            )
+        if target == "onset":  # rare positives, weighed up
+            goal = batch["onset"]
+            pred = head(rms_normalise(xv)).view(goal.shape)
+            weight = torch.tensor(ONSET_POS_WEIGHT)
+            aux = aux + F.binary_cross_entropy_with_logits(pred, goal, pos_weight=weight)
         else:
             pred = head(rms_normalise(xv)).view(batch["change"].shape)
             aux = aux + F.binary_cross_entropy_with_logits(pred, batch["change"])

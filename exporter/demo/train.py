@@ -241,7 +241,16 @@ def warm_start(model: StreamingModel, heads: nn.Module | None, run_dir: Path) ->
             if _is_tower_block(k) or k.endswith(("o_proj.weight", "down_proj.weight")):
                 params[k].zero_()
     if heads is not None and aux:
-        heads.load_state_dict(aux, strict=False)  # a new head starts fresh
+        # a head this run lacks, or has with another shape (--change-target), starts fresh
+        own = heads.state_dict()
+        fresh = sorted(
+            {k.split(".")[0] for k, v in aux.items() if k in own and own[k].shape != v.shape}
+        )
+        if fresh:
+            log.info("auxiliary heads %s differ from %s's: they start fresh", fresh, run_dir)
+        heads.load_state_dict(
+            {k: v for k, v in aux.items() if k in own and own[k].shape == v.shape}, strict=False
+        )
     log.info(
         "weights from %s (step %s); %d new tensors (tower blocks at zero, new decoder layers "
         "as identity)",
@@ -413,7 +422,7 @@ def train(
             )
         dim = 1 if tcfg.change_target == "onset" else CHANGE_DIM
         heads["change_mid"] = nn.Linear(model.cfg.llm_hidden, dim).to(device)
-        change_mid = (tcfg.change_layer, heads["change_mid"])
+        change_mid = (tcfg.change_layer, heads["change_mid"], tcfg.change_target)
     params = list(model.parameters()) + (list(heads.parameters()) if heads else [])
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.95))
     if start:
