@@ -380,7 +380,7 @@ def test_warm_start_between_change_targets_starts_the_mid_head_fresh(tmp_path, c
     base = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=6, warmup=1, change_layer=2)
     train(tmp_path / "a", base, "cpu", resume=False, minutes=None)
     onset = dataclasses.replace(base, change_target="onset", init_from=str(tmp_path / "a"))
-    with caplog.at_level("INFO", logger="onsight.exporter.demo.train"):
+    with caplog.at_level("INFO", logger="onsight.exporter.demo.run_files"):
         train(tmp_path / "b", onset, "cpu", resume=False, minutes=None)
     assert "auxiliary heads ['change_mid'] differ" in caplog.text
     back = dataclasses.replace(base, init_from=str(tmp_path / "b"))

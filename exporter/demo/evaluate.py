@@ -449,7 +449,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if args.mover_questions or args.onset_questions:
         return "--mover-questions and --onset-questions probe one bundle; leave them out with --ablations"
     if args.twin is not None:
-        from onsight.exporter.demo.train import is_native_dir
+        from onsight.exporter.demo.run_files import is_native_dir
 
         if not is_native_dir(Path(args.twin)):
             return (
