@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from onsight.exporter import bench_e2e as e2e
 from onsight.exporter import bench_peers as peers
 from onsight.exporter import bench_report as report
 from onsight.exporter.bench_build import (
@@ -209,15 +210,15 @@ class Bench:
             if self.ws.scripted:
                 t = a.bundle.manifest["token_ids"]
                 # no public hook yet: wrap the stepper the Assistant's loop calls
-                a._stepper.inner = peers.ScriptedSpeech(
+                a._stepper.inner = e2e.ScriptedSpeech(
                     a._stepper.inner, int(t["interval"]), int(t["eos"]), o.speak_every,
                     o.narration_tokens)  # fmt: skip
             for mode in modes:
                 log.info("end to end: %s, %s, %d frames", label, mode, o.e2e_frames)
-                self.res["e2e"].append(peers.run_e2e(a, o.video, label, mode, o.e2e_frames))
+                self.res["e2e"].append(e2e.run_e2e(a, o.video, label, mode, o.e2e_frames))
             if memory:
                 log.info("resident memory over a long stream: %s", label)
-                self.res["memory"] = peers.rss_stream(a, label, o.memory_frames)
+                self.res["memory"] = e2e.rss_stream(a, label, o.memory_frames)
         gc.collect()
 
 
@@ -339,7 +340,7 @@ def run(o: BenchOptions) -> dict[str, Any]:
         "memory": {},
     }  # fmt: skip
     log.info("measuring this machine's matmul and copy peaks")
-    res["peaks"] = peers.machine_peaks(o.quick)
+    res["peaks"] = e2e.machine_peaks(o.quick)
     bench = Bench(ws, o, res)
     bench.steps()
     bench.int8_steps()
