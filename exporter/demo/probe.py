@@ -12,6 +12,11 @@ training change targets), and reports its recall on moving tokens, its accuracy 
 ones that show an object, and its recall at the onset of a move: the acting object's token
 on the frame a move is narrated at. Onset is what naming the mover needs, and what the MoD
 demo model lacks (engines/demo-checkpoint/TRAINING.md, session 7).
+
+`--onset` asks the question directly: a linear head per layer input fitted on "a move began
+here in the last two frames" (the frames a move is narrated on), scored by AUC and by the
+precision of its top-scored tokens. It showed that the full-compute twin carries the onset no
+earlier or more plainly than the MoD model does (TRAINING.md, session 12).
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ def _motion_states(model, tokenizer: Path, streams: int, seed: int) -> dict[str,
         )
         onset = (b["change"][..., move] > 0) & (b["actor"] > 0)
         out.setdefault("onset", []).append(onset.reshape(-1))
+        out.setdefault("begun", []).append(b["onset"].reshape(-1) > 0)  # data.onset_targets
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -120,6 +126,7 @@ def probe_motion(checkpoint: str, streams: int = 64, steps: int = 600) -> dict[s
     model, tok = load_native(checkpoint)
     data = _motion_states(model, tok, streams, seed=555)
     y, occ, onset = data.pop("moving"), data.pop("occupied"), data.pop("onset")
+    data.pop("begun")
     fit = torch.arange(len(y)) < int(0.7 * len(y))
     test = ~fit
     result: dict[str, object] = {"onset_tokens": int((onset & test).sum())}
@@ -143,6 +150,46 @@ def probe_motion(checkpoint: str, streams: int = 64, steps: int = 600) -> dict[s
     return result
 
 
+def probe_onset(checkpoint: str, streams: int = 96, steps: int = 600) -> dict[str, object]:
+    """Per decoder layer input: how plainly the grid tokens say "a move began here in the last
+    two frames" (data.onset_targets, the frames a move is narrated on): a linear probe fitted
+    on 70% of the tokens, scored on the rest by AUC and by precision at the number of
+    positives (the share of the top-scored tokens that are onset tokens)."""
+    torch.manual_seed(0)
+    model, tok = load_native(checkpoint)
+    data = _motion_states(model, tok, streams, seed=777)
+    y = data.pop("begun")
+    for label in ("moving", "occupied", "onset"):
+        data.pop(label)
+    grid = torch.arange(len(y)) % model.cfg.tokens_per_frame != (
+        model.cfg.tokens_per_frame - 1 if model.cfg.vision.pooled_last else 0
+    )
+    y = y[grid]
+    fit = torch.arange(len(y)) < int(0.7 * len(y))
+    result: dict[str, object] = {"onset_tokens": int(y[~fit].sum())}
+    for name, x in data.items():
+        x = x[grid]
+        head = nn.Linear(x.shape[1], 1)
+        opt = torch.optim.Adam(head.parameters(), 1e-2)
+        weight = torch.tensor(10.0)  # about 1 token in 100 is an onset
+        for _ in range(steps):
+            logits = head(x[fit]).squeeze(-1)
+            loss = F.binary_cross_entropy_with_logits(logits, y[fit].float(), pos_weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            score = head(x[~fit]).squeeze(-1)
+        yt = y[~fit]
+        pos, neg = score[yt], score[~yt]
+        top = score.topk(int(yt.sum())).indices
+        result[name] = {
+            "auc": float((pos[:, None] > neg[None, :]).float().mean()),
+            "precision_at_k": float(yt[top].float().mean()),
+        }
+    return result
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m onsight.exporter.demo.probe", description=__doc__)
     p.add_argument("checkpoint", help="native checkpoint directory (e.g. engines/demo-checkpoint)")
@@ -152,10 +199,22 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="probe the decoder's vision-token states for motion and its onset, per layer",
     )
-    p.add_argument("--streams", type=int, default=64, help="--motion: training-world streams")
+    p.add_argument(
+        "--onset",
+        action="store_true",
+        help="probe the decoder's vision-token states for a move begun in the last two frames "
+        "(AUC, precision at k), per layer",
+    )
+    p.add_argument(
+        "--streams", type=int, help="--motion / --onset: training-world streams (64 / 96)"
+    )
     a = p.parse_args(argv)
+    if a.onset:
+        out = probe_onset(a.checkpoint, a.streams or 96, min(a.steps, 600))
+        print(json.dumps(out, indent=2))
+        return 0
     if a.motion:
-        print(json.dumps(probe_motion(a.checkpoint, a.streams, min(a.steps, 600)), indent=2))
+        print(json.dumps(probe_motion(a.checkpoint, a.streams or 64, min(a.steps, 600)), indent=2))
         return 0
     print(json.dumps(probe(a.checkpoint, a.steps), indent=2))
     return 0
