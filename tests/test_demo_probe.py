@@ -33,3 +33,15 @@ def test_motion_probe_reads_sustained_motion(capsys):
     assert main([str(CKPT), "--motion", "--streams", "16", "--steps", "200"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["final"]["moving_recall"] > 0.6 and out["final"]["static_accuracy"] > 0.8
+
+
+def test_routing_probe_counts_the_mover_cell_kept_on_onset_frames(capsys):
+    from onsight.exporter.demo.probe import main
+
+    assert main([str(CKPT), "--routing", "--streams", "16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["k"] == 2 and out["onset_frames"] > 5
+    assert set(out) == {"onset_frames", "k", "layer 1", "layer 3"}  # the routed layers
+    for layer in ("layer 1", "layer 3"):
+        assert out[layer]["pooled_kept"] > 0.8  # the whole-frame token, nearly always
+        assert 0.3 < out[layer]["mover_kept"] <= 1.0

@@ -16,7 +16,8 @@ demo model lacks (engines/demo-checkpoint/TRAINING.md, session 7).
 `--onset` asks the question directly: a linear head per layer input fitted on "a move began
 here in the last two frames" (the frames a move is narrated on), scored by AUC and by the
 precision of its top-scored tokens. It showed that the full-compute twin carries the onset no
-earlier or more plainly than the MoD model does (TRAINING.md, session 12).
+earlier or more plainly than the MoD model does (TRAINING.md, session 12). `--routing` says
+how often each routed layer keeps the mover's cell on those frames.
 """
 
 from __future__ import annotations
@@ -190,6 +191,48 @@ def probe_onset(checkpoint: str, streams: int = 96, steps: int = 600) -> dict[st
     return result
 
 
+def routing_at_onsets(checkpoint: str, streams: int = 96) -> dict[str, object]:
+    """Per routed layer: on the frames of a just-begun move (data.onset_targets), how often its
+    LayerExpert keeps the mover's cell, and the pooled token, among its top k."""
+    from onsight.exporter.demo.objective import batched_hidden, in_token_order
+    from onsight.exporter.demo.train import make_source, to_tensors
+    from onsight.exporter.demo.train_config import TrainConfig
+
+    model, tok = load_native(checkpoint)
+    model = model.eval()
+    dec = model.decoder
+    n = model.cfg.tokens_per_frame
+    pooled = n - 1 if model.cfg.vision.pooled_last else 0
+    src = make_source(str(tok), TrainConfig(seed=777, batch_size=8), n)
+    frames, mover, kept_pooled = 0, {}, {}
+    with torch.no_grad():
+        for step in range(max(1, streams // 8)):
+            b = in_token_order(to_tensors(src.batch(step, 2), "cpu"), model.cfg.vision.pooled_last)
+            scores: list[torch.Tensor] = []
+            batched_hidden(model, b["ids"], b["frames"], b["frame_pos"], router_scores=scores)
+            onset = b["onset"].clone()
+            onset[..., pooled] = 0
+            begun = onset.amax(-1) > 0  # (B, F)
+            frames += int(begun.sum())
+            for layer, s in zip(dec.routed, scores):
+                kept = torch.zeros_like(onset).scatter(-1, s.topk(dec.k, -1).indices, 1.0)
+                name = f"layer {layer}"
+                hit = (kept * onset).amax(-1) > 0
+                mover[name] = mover.get(name, 0) + int(hit[begun].sum())
+                kept_pooled[name] = kept_pooled.get(name, 0) + int(kept[..., pooled][begun].sum())
+    return {
+        "onset_frames": frames,
+        "k": dec.k,
+        **{
+            name: {
+                "mover_kept": mover[name] / max(1, frames),
+                "pooled_kept": kept_pooled[name] / max(1, frames),
+            }
+            for name in mover
+        },
+    }
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m onsight.exporter.demo.probe", description=__doc__)
     p.add_argument("checkpoint", help="native checkpoint directory (e.g. engines/demo-checkpoint)")
@@ -208,7 +251,16 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--streams", type=int, help="--motion / --onset: training-world streams (64 / 96)"
     )
+    p.add_argument(
+        "--routing",
+        action="store_true",
+        help="how often each routed layer keeps a just-begun move's mover cell (and the pooled "
+        "token) on its frames",
+    )
     a = p.parse_args(argv)
+    if a.routing:
+        print(json.dumps(routing_at_onsets(a.checkpoint, a.streams or 96), indent=2))
+        return 0
     if a.onset:
         out = probe_onset(a.checkpoint, a.streams or 96, min(a.steps, 600))
         print(json.dumps(out, indent=2))
