@@ -218,24 +218,34 @@ class Engine(FakeEngine):
         closed = [s.closed.is_set() for s in sources]
         (out / "closed.json").write_text(json.dumps(closed))
 
+if len(sys.argv) > 3:  # a slow watch: Textual may see the dead terminal first
+    import functools
+    from onsight.tui import hangup, signals
+    signals.TerminalWatch = functools.partial(hangup.TerminalWatch, every_s=float(sys.argv[3]))
+
 transcript = Transcript(out / "run.jsonl")
 app = make_app(engine=Engine(), transcript=transcript, sources=sources, handle_signals=True)
 app.run()
-sys.exit(app.return_code or 0)
+sys.exit(app.exit_code())  # as `onsight run` does
 """
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX pseudo-terminals")
-def test_a_terminal_that_hangs_up_without_sighup_closes_the_app_down(pty_pair, tmp_path):
+@pytest.mark.parametrize("watch_every_s", [None, 2.0], ids=["watch", "slow-watch"])
+def test_a_terminal_that_hangs_up_without_sighup_closes_the_app_down(
+    pty_pair, tmp_path, watch_every_s
+):
     """The real app on a pty in a session of its own, so closing the master (sshd after a
     dropped connection) sends it no SIGHUP: Textual's writer died on EIO and the app hung
-    holding the source. Now it releases everything and exits 129 (SIGHUP's code)."""
+    holding the source. Now it releases everything and exits 129 (SIGHUP's code), also when
+    Textual's input thread fails on the dead terminal first and the app exits by itself."""
     master, slave = pty_pair["master"], pty_pair["slave"]
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     env["TERM"] = "xterm-256color"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(TESTS), str(tmp_path)],
+        [sys.executable, "-c", CHILD, str(TESTS), str(tmp_path)]
+        + ([str(watch_every_s)] if watch_every_s else []),
         stdin=slave,
         stdout=slave,
         stderr=slave,

@@ -48,7 +48,7 @@ from .narration_run import NarrationRun
 from .preview import Preview
 from .question import QuestionInput
 from .recorder import Recorder
-from .signals import ExitOnSignals
+from .signals import HANGUP_CODE, ExitOnSignals
 from .stats_panel import StatsPanel
 
 log = logging.getLogger(__name__)
@@ -466,6 +466,16 @@ class OnsightApp(App[None]):
         if self._signals is not None:
             self._signals.uninstall()
         self._run.release_in_background()  # an exit without the quit action: a test, a crash
+
+    def exit_code(self) -> int:
+        """What `onsight run` exits with, once run() has returned. Waits for a release that an
+        exit without the quit action started (Textual's own exit on a dead terminal, a crash),
+        so the camera and transcript are closed before the process ends; SIGHUP's code when
+        the terminal hung up, however the app learnt of it."""
+        self._run.release()  # idempotent: returns once released, by whichever thread
+        if self._signals is not None and self._signals.hung_up:
+            return HANGUP_CODE
+        return int(self.return_code or 0)
 
     @property
     def transcript_lines(self) -> list[str]:

@@ -42,16 +42,26 @@ class TerminalWatch:
         self.every_s = every_s
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ttys: list[int] = []
 
     def start(self) -> None:
         """Watches the fds that are terminals now; none (pipes, files): nothing to watch."""
-        ttys = [fd for fd in self._fds if os.isatty(fd)]
-        if not ttys:
+        self._ttys = [fd for fd in self._fds if os.isatty(fd)]
+        if not self._ttys:
             return
         self._thread = threading.Thread(
-            target=self._watch, args=(ttys,), name="onsight terminal watch", daemon=True
+            target=self._watch, args=(self._ttys,), name="onsight terminal watch", daemon=True
         )
         self._thread.start()
+
+    def hung_up(self) -> bool:
+        """Whether a terminal among those watched has hung up, checked now (Textual may notice
+        first: its input thread fails on the dead terminal and the app exits on its own);
+        the dead fds then point at /dev/null, as when the watch sees it."""
+        dead = [fd for fd in self._ttys if not os.isatty(fd)]
+        if dead:
+            _point_at_devnull(dead)
+        return bool(dead)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -206,10 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _logging_for_tui(app, log_file):
             app.run()
+        return app.exit_code()
     finally:
         if transcript is not None:
             transcript.close()  # the app closes it on quit; this covers a crash
-    return int(app.return_code or 0)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class ExitOnSignals:
         # waited on, since a second signal can interrupt the main thread inside close_down.
         self._once = threading.Lock()
         self._watch: TerminalWatch | None = None
+        self.hung_up = False  # the terminal hung up while installed (seen by the watch)
 
     def install(self, watch_terminal: bool = False) -> None:
         """watch_terminal: also close down when stdin/stdout/stderr's terminal hangs up
@@ -55,8 +56,12 @@ class ExitOnSignals:
         for sig in EXIT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
         if watch_terminal:
-            self._watch = TerminalWatch(lambda: self.close_down(HANGUP_CODE))
+            self._watch = TerminalWatch(self._terminal_lost)
             self._watch.start()
+
+    def _terminal_lost(self) -> None:
+        self.hung_up = True
+        self.close_down(HANGUP_CODE)
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
@@ -64,6 +69,7 @@ class ExitOnSignals:
         self._previous.clear()
         if self._watch is not None:
             self._watch.stop()
+            self.hung_up = self.hung_up or self._watch.hung_up()
             self._watch = None
 
     def _handler(self, signum: int, _frame: object) -> None:
