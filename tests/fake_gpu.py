@@ -198,6 +198,7 @@ class FakeParser:
         import onnx
 
         self.trt.parsed.append(Path(path).name)
+        self.network.parsed = path
         if self.trt.parse_fails:
             self.num_errors = 1
             return False
@@ -280,6 +281,12 @@ class FakeBuilder:
             for s in profile.shapes[t.name]:
                 assert len(s) == len(t.shape), t.name
                 assert all(d == -1 or d == x for d, x in zip(t.shape, s)), (t.name, s, t.shape)
+        graph = Path(network.parsed).name.split(".")[0]
+        if graph == self.trt.fail_on:
+            return None  # what a failed TensorRT build returns
+        self.trt.built.append(graph)
+        if self.trt.unique_plans:
+            return f"{graph} plan {len(self.trt.built)}".encode()  # unlike any earlier build
         return b"plan"
 
 
@@ -289,6 +296,9 @@ def fake_tensorrt(version: str = "10.3.0", engines: dict | None = None) -> types
     trt.engines = engines or {}  # plan bytes -> FakeEngine
     trt.networks, trt.configs, trt.parsed, trt.cache_sets = [], [], [], []
     trt.parse_fails = False
+    trt.fail_on = None  # a graph whose build returns None
+    trt.built = []  # the graphs built, in order
+    trt.unique_plans = False  # plans name their graph and build (else all are b"plan")
 
     class Logger:
         WARNING = "WARNING"

@@ -6,10 +6,8 @@ Bundles are copies of the shipped engines/demo (never modified) edited in tmp_pa
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "engines" / "demo"
 SCHEMA = json.loads((REPO / "runtime" / "bundle.schema.json").read_text())
 REAL_MOVE = shutil.move
-PLAN_SERIAL = itertools.count()
 
 pytestmark = pytest.mark.skipif(
     not (DEMO / "bundle.json").is_file(), reason="the shipped demo bundle is missing"
@@ -365,74 +362,20 @@ def test_tensorrt_plans_are_checksummed_and_a_corrupt_plan_says_to_rebuild(demo)
 # ---- `onsight build` rewrites bundle.json atomically and validly ----
 
 
-def _fake_tensorrt(monkeypatch, fail_on: str | None = None) -> list[str]:
-    """A stand-in for TensorRT's Python API (no GPU here); `fail_on`: a graph whose build
-    returns None, as a failed TensorRT build does."""
+def _fake_tensorrt(monkeypatch):
+    """tests/fake_gpu's stand-in for TensorRT's Python API (no GPU here), each plan unlike
+    any earlier build's; set `.fail_on` to a graph whose build fails."""
     import sys
+
+    from fake_gpu import fake_tensorrt
 
     from onsight.runtime import trt_build
 
-    built: list[str] = []
-
-    class Config:
-        def set_memory_pool_limit(self, *a):
-            pass
-
-        def set_flag(self, flag):
-            pass
-
-        def create_timing_cache(self, data):
-            return types.SimpleNamespace(serialize=lambda: b"cache")
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            return True
-
-        def get_timing_cache(self):
-            return types.SimpleNamespace(serialize=lambda: b"cache")
-
-        def add_optimization_profile(self, profile):
-            return 0
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return types.SimpleNamespace(num_inputs=0, flags=flags)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return types.SimpleNamespace(set_shape=lambda *a: None)
-
-        def build_serialized_network(self, network, config):
-            graph = Path(network.parsed).name.split(".")[0]
-            if graph == fail_on:
-                return None
-            built.append(graph)
-            return f"{graph} plan {next(PLAN_SERIAL)}".encode()  # unlike any earlier build
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.network = network
-
-        def parse_from_file(self, path):
-            self.network.parsed = path
-            return True
-
-    trt = types.SimpleNamespace(
-        __version__="10.3.0",
-        Builder=Builder,
-        OnnxParser=Parser,
-        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
-        BuilderFlag=types.SimpleNamespace(FP16="fp16", INT8="int8"),
-        Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}),
-    )
+    trt = fake_tensorrt()
+    trt.unique_plans = True
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(trt_build, "gpu_info", lambda: trt_build.GpuInfo("Orin", "8.7"))
-    return built
+    return trt
 
 
 def test_a_tensorrt_build_names_checksummed_plans_in_a_valid_manifest(demo, monkeypatch):
@@ -451,10 +394,10 @@ def test_a_tensorrt_build_names_checksummed_plans_in_a_valid_manifest(demo, monk
 def test_a_failed_tensorrt_rebuild_leaves_the_earlier_plans_valid(demo, monkeypatch):
     from onsight.runtime.trt_build import build_tensorrt
 
-    _fake_tensorrt(monkeypatch)
+    trt = _fake_tensorrt(monkeypatch)
     first = build_tensorrt(demo, precision="fp16")
     plans = {rel: (demo / rel).read_bytes() for rel in first["plans"].values()}
-    _fake_tensorrt(monkeypatch, fail_on="frame_step")  # vision and text_step rebuild first
+    trt.fail_on = "frame_step"  # vision and text_step rebuild first
     with pytest.raises(ExportError, match="failed to build frame_step"):
         build_tensorrt(demo, precision="fp16")
     assert load_bundle(demo).manifest["tensorrt"] == first

@@ -92,81 +92,18 @@ def test_int8_plans_are_built_strongly_typed_from_the_qdq_graphs(bundle_copy, mo
     """The build logic against a stand-in for TensorRT's Python API (no GPU here): each graph
     is parsed from its Q/DQ file into a strongly typed network, without precision flags."""
     import sys
-    import types
+
+    from fake_gpu import fake_tensorrt
 
     from onsight.runtime import trt_build
 
-    seen: list[tuple[int, str, set]] = []
-
-    class Network:
-        num_inputs = 0
-
-        def __init__(self, flags):
-            self.flags = flags
-
-    class Config:
-        def __init__(self):
-            self.flags = set()
-
-        def set_memory_pool_limit(self, *a):
-            pass
-
-        def set_flag(self, f):
-            self.flags.add(f)
-
-        def create_timing_cache(self, data):
-            return b"cache"
-
-        def set_timing_cache(self, *a, **k):
-            pass
-
-        def get_timing_cache(self):
-            return types.SimpleNamespace(serialize=lambda: b"cache")
-
-        def add_optimization_profile(self, p):
-            pass
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return Network(flags)
-
-        def create_builder_config(self):
-            self.config = Config()
-            return self.config
-
-        def create_optimization_profile(self):
-            return types.SimpleNamespace(set_shape=lambda *a: None)
-
-        def build_serialized_network(self, network, config):
-            seen.append((network.flags, network.parsed, config.flags))
-            return b"plan"
-
-    class Parser:
-        def __init__(self, network, logger):
-            self.network = network
-
-        def parse_from_file(self, path):
-            self.network.parsed = path
-            return True
-
-    trt = types.SimpleNamespace(
-        __version__="10.3.0",
-        Builder=Builder,
-        OnnxParser=Parser,
-        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
-        BuilderFlag=types.SimpleNamespace(FP16="fp16", INT8="int8"),
-    )
-    trt.Logger = type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None})
+    trt = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(trt_build, "gpu_info", lambda: trt_build.GpuInfo("Orin", "8.7"))
     meta = trt_build.build_tensorrt(bundle_copy, precision="int8")
-    assert [s[0] for s in seen] == [1 << 1] * 3  # STRONGLY_TYPED, no precision flags
-    assert [Path(s[1]).name for s in seen] == [f"{g}.qdq.onnx" for g in GRAPHS]
-    assert all(not s[2] for s in seen)
+    assert trt.networks == [1 << 1] * 3  # STRONGLY_TYPED, no precision flags
+    assert trt.parsed == [f"{g}.qdq.onnx" for g in GRAPHS]
+    assert all(not config.flags for config in trt.configs)
     assert meta["precision"] == "int8" and (bundle_copy / "trt" / "frame_step.int8.plan").is_file()
     assert load_bundle(bundle_copy).manifest["tensorrt"]["gpu"] == "Orin"
 
