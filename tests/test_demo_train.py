@@ -475,6 +475,15 @@ def test_onset_head_reads_the_onset_targets_weighed_up(demo_tok):
         config_from_args(args)
 
 
+def test_mod_layers_takes_a_list_for_diagnostics_and_names_a_bad_one():
+    from onsight.exporter.demo.train_args import config_from_args, parse_args
+
+    assert config_from_args(parse_args(["--out", "x", "--mod-layers", "3"])).mod_layers == "3"
+    for bad, said in [("7", r"layers \[7\] do not exist"), ("odd", "a list like 1,3,5")]:
+        with pytest.raises(OnsightError, match=said):
+            config_from_args(parse_args(["--out", "x", "--mod-layers", bad]))
+
+
 def test_change_targets_read_where_text_still_reads_every_vision_token(demo_tok, tmp_path):
     """--change-layer 2: a second change head reads the vision tokens' states at the input of
     layer 2 (the last layer every token's key reaches, with LayerExperts on 1 and 3); its loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from onsight.exporter.config import GATES
+from onsight.exporter.config import GATES, parse_mod_layers
 from onsight.exporter.demo.data import NarrationDelay
 from onsight.exporter.demo.objective import ROUTER_TARGETS
 from onsight.exporter.demo.train_config import TrainConfig
@@ -44,10 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--mod-layers",
-        choices=("interleaved", "interleaved-even"),
         default="interleaved",
-        help="the routed layers: every other one from the second (1, 3, ...: VideoLLM-MoD's) "
-        "or from the first (0, 2, ...: the last layer keeps every vision token's KV)",
+        metavar="LAYERS",
+        help="the routed layers: interleaved, every other one from the second (1, 3, ...: "
+        "VideoLLM-MoD's), interleaved-even, from the first (0, 2, ...: the last layer keeps "
+        "every vision token's KV), or a list like 3 (for diagnostics)",
     )
     p.add_argument(
         "--pos-embed",
@@ -239,6 +240,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             f"--decoder-layers {args.decoder_layers}: the decoder needs at least 2 layers "
             "(LayerExperts sit on every other one: 1, 3, ...)"
         )
+    try:
+        parse_mod_layers(args.mod_layers, args.decoder_layers)
+    except ValueError as e:
+        raise OnsightError(str(e)) from None
     if args.change_target != "change" and args.change_layer < 0:
         raise OnsightError(
             f"--change-target {args.change_target} needs --change-layer L (the layer it reads)"
