@@ -140,6 +140,8 @@ class OrtStepper(CachedStepper):
         self._empty_dense = np.zeros(b.layout.capacity_dense, bool)
         self._empty_mod = np.zeros(b.layout.capacity_mod, bool)
         self.dtype = np.dtype(b.layout.dtype)
+        # per layer (key, value) input names, made once: every token's step feeds them
+        self._past = [(io_names.past_key(i), io_names.past_value(i)) for i in range(L)]
 
     def _feeds(self, graph: str, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self.cache
@@ -148,9 +150,8 @@ class OrtStepper(CachedStepper):
             c.mask(self._dense) if self._dense is not None else self._empty_dense
         )
         feeds[io_names.MOD_MASK] = c.mask(self._mod) if self._mod is not None else self._empty_mod
-        for i in range(self.layout.num_layers):
-            feeds[io_names.past_key(i)] = c.k[i]
-            feeds[io_names.past_value(i)] = c.v[i]
+        for (key, value), k, v in zip(self._past, c.k, c.v, strict=True):
+            feeds[key], feeds[value] = k, v
         wanted = self.s.inputs[graph]
         return {k: v for k, v in feeds.items() if k in wanted}
 

@@ -384,6 +384,10 @@ class DeviceStepper(CachedStepper):
             c.masks[dense] if dense is not None else np.zeros(lay.capacity_dense, bool)
         )
         self._mod_mask = c.masks[mod] if mod is not None else np.zeros(lay.capacity_mod, bool)
+        # per layer (key, value) names, made once: every token's step feeds and reads them
+        L = lay.num_layers
+        self._past = [(io_names.past_key(i), io_names.past_value(i)) for i in range(L)]
+        self._new = [(io_names.new_key(i), io_names.new_value(i)) for i in range(L)]
 
     def free(self) -> None:
         for buf in (*self.k, *self.v):
@@ -448,14 +452,12 @@ class DeviceStepper(CachedStepper):
 
     def _run(self, graph: str, fetch: tuple[str, ...], feeds: dict) -> dict:
         feeds = {**feeds, io_names.DENSE_MASK: self._dense_mask, io_names.MOD_MASK: self._mod_mask}
-        for i in range(self.layout.num_layers):
-            feeds[io_names.past_key(i)], feeds[io_names.past_value(i)] = self.k[i], self.v[i]
+        for (key, value), k, v in zip(self._past, self.k, self.v, strict=True):
+            feeds[key], feeds[value] = k, v
         return self.b.run(graph, feeds, fetch=fetch)
 
     def _new_kv(self, out: dict) -> tuple[list, list]:
-        L = self.layout.num_layers
-        keys = [out[io_names.new_key(i)] for i in range(L)]
-        return keys, [out[io_names.new_value(i)] for i in range(L)]
+        return [out[key] for key, _ in self._new], [out[value] for _, value in self._new]
 
     def run_text(self, ids: np.ndarray, positions: np.ndarray) -> TextOut:
         out = self._run(
