@@ -1,5 +1,5 @@
-"""The demo model's decoder probes (`python -m onsight.exporter.demo.probe --motion / --onset`)
-on the shipped checkpoint: they run, and read what the model is known to carry."""
+"""The demo model's decoder probes (`python -m onsight.exporter.demo.probe --motion / --onset /
+--routing`): their reports' shape on a tiny run, and what they read in the shipped checkpoint."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+from onsight.exporter.demo.train import TrainConfig
 
 CKPT = Path(__file__).resolve().parents[1] / "engines" / "demo-checkpoint"
 
-pytestmark = pytest.mark.skipif(
+shipped = pytest.mark.skipif(
     not (CKPT / "model.safetensors").is_file(), reason="the shipped demo checkpoint is missing"
 )
 
 
+@shipped
 def test_onset_probe_finds_a_begun_move_plainly_by_the_last_layer(capsys):
     from onsight.exporter.demo.probe import main
 
@@ -27,6 +31,7 @@ def test_onset_probe_finds_a_begun_move_plainly_by_the_last_layer(capsys):
     assert out["layer 3"]["auc"] > 0.9  # the onset is plain at the last layer's input
 
 
+@shipped
 def test_motion_probe_reads_sustained_motion(capsys):
     from onsight.exporter.demo.probe import main
 
@@ -35,6 +40,7 @@ def test_motion_probe_reads_sustained_motion(capsys):
     assert out["final"]["moving_recall"] > 0.6 and out["final"]["static_accuracy"] > 0.8
 
 
+@shipped
 def test_routing_probe_counts_the_mover_cell_kept_on_onset_frames(capsys):
     from onsight.exporter.demo.probe import main
 
@@ -45,3 +51,19 @@ def test_routing_probe_counts_the_mover_cell_kept_on_onset_frames(capsys):
     for layer in ("layer 1", "layer 3"):
         assert out[layer]["pooled_kept"] > 0.8  # the whole-frame token, nearly always
         assert 0.3 < out[layer]["mover_kept"] <= 1.0
+
+
+def test_motion_probe_reports_every_layer(tmp_path):
+    """probe --motion: per decoder layer input and at the end, recall on moving tokens,
+    accuracy on static ones, and recall at a move's onset, all rates."""
+    from onsight.exporter.demo.probe import probe_motion
+    from onsight.exporter.demo.train import train
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(seed=3, steps=1, batch_size=2, num_frames=6, warmup=1, gate="straight")
+    native = train(tmp_path / "a", cfg, "cpu", resume=False, minutes=None)
+    got = probe_motion(str(native), streams=8, steps=5)
+    assert set(got) == {"onset_tokens", "layer 1", "layer 2", "layer 3", "final"}
+    for name in ("layer 1", "layer 2", "layer 3", "final"):
+        assert set(got[name]) == {"moving_recall", "static_accuracy", "onset_recall"}
+        assert all(0.0 <= v <= 1.0 for v in got[name].values())
