@@ -1,7 +1,8 @@
 """The embedding API: `with Assistant("engines/demo") as a: for event in a.narrate(0): ...`.
 
 Three verbs: `narrate(source)` iterates typed events, `ask(question)` queues a question for
-the next frame boundary, `push(frame, timestamp)` feeds a frame from a camera you own.
+the next frame boundary (and returns a Future of its answer, for a thread that wants to wait
+for it), `push(frame, timestamp)` feeds a frame from a camera you own.
 Capture, preprocessing and the vision encoder run on their own threads, overlapped with the
 LLM (onnxruntime releases the GIL); the LLM loop runs in the thread that iterates.
 """
@@ -13,6 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +35,14 @@ from onsight.runtime.events import (
 )
 from onsight.runtime.frames import Frame, check_image, check_timestamp
 from onsight.runtime.preprocess import letterbox
-from onsight.runtime.questions import check_question, question_budget
+from onsight.runtime.questions import (
+    Asked,
+    check_question,
+    fail,
+    question_budget,
+    settle,
+    unanswered,
+)
 from onsight.runtime.stepper import TimedStepper
 from onsight.runtime.stream_loop import FrameOutcome, Sampler, StreamLoop
 from onsight.runtime.template import bundle_template_ids
@@ -119,15 +128,26 @@ class Assistant:
 
     # ---- the three verbs ----
 
-    def ask(self, question: str) -> None:
-        """Queue a question; its AnswerEvent follows the next processed frame. Never waits
-        for the frame being processed.
+    def ask(self, question: str) -> Future[AnswerEvent]:
+        """Queue a question; its AnswerEvent follows the next processed frame (in the events
+        of that frame's `push()` or `narrate()`, or of `answer_now()`). Never waits for the
+        frame being processed.
+
+        Returns a `concurrent.futures.Future` that the same AnswerEvent completes, so another
+        thread can wait for it: `a.ask("is the door open?").result(timeout=5)`. It fails with
+        OnsightError if the Assistant is closed first or answering fails; cancelling it only
+        drops the result (the question is still answered in the stream).
 
         Raises OnsightError for a question that is not a string, empty, or longer than the
         bundle's KV cache can hold in one turn (`max_question_tokens`)."""
         self._check_open()
-        q = check_question(question, self.tokens.encode, self._max_question, self._max_new_tokens)
+        q = Asked(
+            check_question(question, self.tokens.encode, self._max_question, self._max_new_tokens)
+        )
         self._questions.append(q)  # deque.append is atomic
+        if self._closed:  # closed since the check: close() may have failed the queue already
+            fail([q], _Closed("this Assistant was closed before the question was answered"))
+        return q.future
 
     def answer_now(self) -> list[Event]:
         """Answer the questions asked so far without waiting for a frame, from what the KV
@@ -138,13 +158,15 @@ class Assistant:
             last = self._last_frame
             if last is None:
                 return []
+            asked = list(self._questions)
             try:
                 answers = self._loop.answer_pending()
             except Exception as e:
-                raise OnsightError(f"answering failed after frame {last.index}: {e}") from e
+                err = OnsightError(f"answering failed after frame {last.index}: {e}")
+                fail(unanswered(asked, self._questions), err)
+                raise err from e
             return self._clock.stamp_all(
-                AnswerEvent(q, self.tokens.decode(ids), last.index, last.timestamp)
-                for q, ids in answers
+                [self._answered(q, ids, last.index, last.timestamp) for q, ids in answers]
             )
 
     def max_question_tokens(self) -> int:
@@ -359,10 +381,13 @@ class Assistant:
                     self._pruned += embeds.shape[0] - len(keep)
             self._last_embeds = embeds
             self._stepper.decode_ms = 0.0
+            asked = list(self._questions)
             try:
                 out: FrameOutcome = self._loop.on_frame(embeds, keep)
             except Exception as e:
-                raise OnsightError(f"inference failed at frame {frame.index}: {e}") from e
+                err = OnsightError(f"inference failed at frame {frame.index}: {e}")
+                fail(unanswered(asked, self._questions), err)
+                raise err from e
             self._processed += 1
             self._last_frame = frame
             self._stage_ms.update(prefill=self._stepper.prefill_ms, decode=self._stepper.decode_ms)
@@ -372,10 +397,17 @@ class Assistant:
                     NarrationEvent(self.tokens.decode(out.narration), frame.index, frame.timestamp)
                 )
             for q, ids in out.answers:
-                events.append(AnswerEvent(q, self.tokens.decode(ids), frame.index, frame.timestamp))
+                events.append(self._answered(q, ids, frame.index, frame.timestamp))
             if self._processed % max(1, self.config.stats_every) == 0:
                 events.append(self._stats())
         yield from events
+
+    def _answered(self, q: str, ids: list[int], index: int, timestamp: float) -> AnswerEvent:
+        """The AnswerEvent of question `q`; its `ask()` Future gets it at once, stamped now
+        (the stream's copy is stamped when handed out)."""
+        event = AnswerEvent(str(q), self.tokens.decode(ids), index, timestamp)
+        settle(q, self._clock.stamp(event))
+        return event
 
     def stats(self) -> StatsEvent:
         with self._lock, self._working():
@@ -388,7 +420,8 @@ class Assistant:
             frames_captured=max(self._captured, self._processed),
             frames_processed=self._processed,
             frames_dropped=self._dropped,
-            stage_ms={k: round(v, 3) for k, v in self._stage_ms.items()},
+            # dict() copies in one step: push()/narrate() update it outside the lock
+            stage_ms={k: round(v, 3) for k, v in dict(self._stage_ms).items()},
             kv_fill=round(cache.fill(), 4),
             kv_frames_fit=cache.frames_fit(),
             evictions=cache.evictions,
@@ -434,6 +467,10 @@ class Assistant:
             if self._closed:
                 return
             self._closed = True
+            fail(
+                self._questions,
+                _Closed("this Assistant was closed before the question was answered"),
+            )
             narrating = self._narrating
             if narrating is not None:  # a narrate() waiting on a stalled stream ends now
                 narrating[0].interrupt()  # thread-safe; the narrating thread closes it
@@ -456,6 +493,7 @@ class Assistant:
         self._loop = None  # type: ignore[assignment]
 
     def __enter__(self) -> Assistant:
+        self._check_open()  # `with` on a closed Assistant fails here, not at its first call
         return self
 
     def __exit__(self, *exc: object) -> None:

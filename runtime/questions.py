@@ -1,9 +1,11 @@
-"""What `Assistant.ask()` takes: the longest question a bundle's KV cache keeps through any
-eviction while it is answered, and the check of a question against that limit."""
+"""What `Assistant.ask()` takes and gives back: the longest question a bundle's KV cache keeps
+through any eviction while it is answered, the check of a question against that limit, and the
+queued question that carries the Future its answer completes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError
 
 from onsight.runtime.bundle import Bundle
 from onsight.runtime.errors import OnsightError
@@ -47,3 +49,44 @@ def check_question(
             "question (or lower --max-new-tokens, or re-export with a larger --kv-capacity)"
         )
     return q
+
+
+class Asked(str):
+    """A queued question: the text the stream loop reads (it is a str), and `future`, the
+    `Future[AnswerEvent]` that `ask()` returned, completed when the answer is made."""
+
+    future: Future
+
+    def __new__(cls, text: str) -> Asked:
+        q = super().__new__(cls, text)
+        q.future = Future()
+        return q
+
+
+def settle(question: str, answer: object) -> None:
+    """Complete the Future of a question `ask()` queued (a plain str has none). A Future the
+    caller cancelled stays cancelled."""
+    future = getattr(question, "future", None)
+    if future is not None:
+        try:
+            future.set_result(answer)
+        except InvalidStateError:  # cancelled by the caller (or already settled)
+            pass
+
+
+def fail(questions: Iterable[str], error: BaseException) -> None:
+    """Fail the Futures of questions that will not be answered (closed, or answering failed)."""
+    for q in questions:
+        future = getattr(q, "future", None)
+        if future is not None:
+            try:
+                future.set_exception(error)
+            except InvalidStateError:
+                pass
+
+
+def unanswered(before: Iterable[str], queued: Iterable[str]) -> list[str]:
+    """Of the questions queued `before` a step that failed, those it took from the queue: they
+    were lost with the step."""
+    still = {id(q) for q in queued}
+    return [q for q in before if id(q) not in still]

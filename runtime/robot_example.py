@@ -4,7 +4,8 @@
 
 The robot owns its camera (here OpenCV on any source onsight reads) and runs a fixed-rate
 control loop; perception runs on its own thread through `Assistant.push`, so a slow model
-never stalls control. Narrations land in a queue the control loop drains each tick.
+never stalls control. Narrations land in a queue the control loop drains each tick; the
+answer to a question is a Future it polls.
 """
 
 from __future__ import annotations
@@ -49,14 +50,20 @@ def main(argv: list[str] | None = None) -> int:
             target=perception, args=(assistant, a.source, events, stop), daemon=True
         )
         worker.start()
-        assistant.ask("how many objects are there?")
+        # a Future: the control loop polls it without blocking (a planner thread could wait
+        # on it with .result(timeout=...)); the answer also arrives among the events
+        count = assistant.ask("how many objects are there?")
         t_end, tick = time.monotonic() + a.seconds, 1.0 / a.hz
         while time.monotonic() < t_end and worker.is_alive():
             t0 = time.monotonic()
             # ... read sensors, run the controller, command the motors here ...
+            if count is not None and count.done():
+                answer: AnswerEvent = count.result()
+                log.info("answered at t=%.1fs: %s", answer.frame_timestamp, answer.text)
+                count = None
             while not events.empty():
                 ev = events.get_nowait()
-                if isinstance(ev, (NarrationEvent, AnswerEvent)):
+                if isinstance(ev, NarrationEvent):
                     log.info("heard at t=%.1fs: %s", ev.frame_timestamp, ev.text)
                     # A ROS 2 node would publish here, e.g.
                     #   self.narration_pub.publish(String(data=ev.text))

@@ -165,7 +165,7 @@ def test_every_verb_on_a_closed_assistant_says_it_is_closed():
     a = Assistant(DEMO)
     a.close()
     a.close()  # twice is fine
-    for call in (lambda: a.ask("hi"), a.reset, lambda: a.push(FRAME), a.stats):
+    for call in (lambda: a.ask("hi"), a.reset, lambda: a.push(FRAME), a.stats, a.__enter__):
         with pytest.raises(OnsightError, match="closed"):
             call()
 
@@ -532,3 +532,76 @@ def test_events_of_push_answer_now_and_stats_share_one_non_decreasing_clock(demo
     assert [type(e) for e in events[-2:]] == [AnswerEvent, StatsEvent]
     times = [e.wall_time for e in events]
     assert times == sorted(times) and times[0] > 0
+
+
+def test_ask_returns_a_future_another_thread_can_wait_on(demo):
+    """A robot's planner thread asks and waits; the camera thread's push() answers."""
+    got: list = []
+    waiter = threading.Thread(
+        target=lambda: got.append(demo.ask("how many objects are there?").result(timeout=30))
+    )
+    waiter.start()
+    time.sleep(0.05)
+    events = demo.push(FRAME, 0.0)
+    waiter.join(30)
+    (in_stream,) = [e for e in events if isinstance(e, AnswerEvent)]
+    (answer,) = got
+    assert isinstance(answer, AnswerEvent)
+    assert (answer.question, answer.text, answer.frame_index) == (
+        in_stream.question,
+        in_stream.text,
+        in_stream.frame_index,
+    )
+    assert type(answer.question) is str
+    # answer_now() completes them too; several questions complete in the order asked
+    first, second = demo.ask("what colour is the square?"), demo.ask("how many objects are there?")
+    now = demo.answer_now()
+    assert [first.result(0).text, second.result(0).text] == [e.text for e in now]
+
+
+def test_pending_futures_fail_when_closed_and_a_cancelled_one_stays_cancelled():
+    a = Assistant(DEMO)
+    dropped, pending = a.ask("what colour is the square?"), a.ask("how many objects are there?")
+    assert dropped.cancel()
+    a.push(FRAME, 0.0)  # answers both: the cancelled one's answer is dropped, nothing raised
+    assert dropped.cancelled() and pending.result(0).text
+    late = a.ask("how many objects are there?")
+    a.close()
+    with pytest.raises(OnsightError, match="closed before the question was answered"):
+        late.result(timeout=5)
+
+
+def test_a_failed_frame_fails_the_futures_of_the_questions_it_took(demo):
+    demo.push(FRAME, 0.0)
+    asked = demo.ask("how many objects are there?")
+    inner = demo._stepper.inner
+    frame_step = inner.frame
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    inner.frame = broken
+    with pytest.raises(OnsightError, match="inference failed"):
+        demo.push(FRAME, 0.5)
+    # the question was still queued when the frame step failed: it waits for the next frame
+    assert not asked.done()
+    inner.frame = frame_step
+    text_step = inner.text
+    inner.text = broken
+    with pytest.raises(OnsightError, match="inference failed"):
+        demo.push(FRAME, 1.0)
+    with pytest.raises(OnsightError, match="device lost"):
+        asked.result(timeout=5)
+    inner.text = text_step
+
+
+def test_robot_example_logs_the_answer_its_control_loop_polls(tmp_path, caplog):
+    from onsight.runtime import robot_example
+
+    folder = _image_folder(tmp_path, 6)
+    with caplog.at_level("INFO", logger="robot"):
+        rc = robot_example.main(
+            ["--engine", str(DEMO), "--source", str(folder), "--seconds", "8", "--hz", "50"]
+        )
+    assert rc == 0
+    assert "answered at t=0.0s:" in caplog.text
