@@ -32,6 +32,7 @@ from onsight.runtime.manifest_check import (  # re-exported: the contract's name
     show_json,
     unsafe_name,
 )
+from onsight.runtime.verified import VerifiedFiles, signature
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -217,10 +218,11 @@ def check_bundle_dir(path: str | Path) -> None:
             )
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+def load_bundle(path: str | Path, verify: bool = True, memo: bool = True) -> Bundle:
     """Open a bundle; refuse (with a BundleError that says what to do) other format versions,
     a bundle.json that breaks bundle.schema.json or contradicts itself, and missing, resized or
-    (with `verify`) modified files."""
+    (with `verify`) modified files. With `memo`, a file that matched its sha256 before and has
+    not changed since (`runtime/verified.py`) is not hashed again; without, every file is."""
     check_bundle_dir(path)
     d = resolve_engine(path)
     if not d.is_dir():
@@ -251,6 +253,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         entry = next((n for n in files if first.startswith(f"files.{n}.")), None)
         fix = _refill(d, m, entry) if entry else _fix_for(first, d)
         raise _fail(d, f"bundle.json is malformed: {shown}{more}", fix)
+    checked = VerifiedFiles() if verify and memo else None
     for name, info in m["files"].items():
         f = d / name
         if not f.is_file():
@@ -264,12 +267,19 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                 "modified)",
                 _refill(d, m, name),
             )
-        if verify and sha256_file(f) != info["sha256"]:
+        if not verify or (checked is not None and checked.known(f, info["sha256"])):
+            continue
+        before = signature(f)
+        if sha256_file(f) != info["sha256"]:
             raise _fail(
                 d,
                 f"file {name} does not match its sha256 in bundle.json (corrupt or modified)",
                 _refill(d, m, name),
             )
+        if checked is not None:
+            checked.remember(f, info["sha256"], before)
+    if checked is not None:
+        checked.save()
     kv, model = m["kv"], m["model"]
     layout = KVLayout(
         num_layers=int(model["num_layers"]),

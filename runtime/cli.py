@@ -108,7 +108,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     from onsight.runtime.info import describe
 
-    print(describe(a.bundle, as_json=a.json, budget_mb=a.budget_mb))
+    print(describe(a.bundle, as_json=a.json, budget_mb=a.budget_mb, verify=a.verify))
     return EXIT_OK
 
 
@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bundle", nargs="?", default="engines/demo", help="bundle directory (default: the demo)"
     )
     i.add_argument("--json", action="store_true", help="print bundle.json's summary as JSON")
+    i.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every file against bundle.json (loads skip files that matched before and "
+        "have not changed since)",
+    )
     i.add_argument(
         "--budget-mb", type=POSITIVE, default=1024.0, help="KV memory budget for 'frames that fit'"
     )

@@ -10,6 +10,12 @@ from pathlib import Path
 from onsight.runtime.errors import OnsightError
 
 
+def cache_dir() -> Path:
+    """~/.cache/onsight, or $XDG_CACHE_HOME/onsight."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "onsight"
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` so that a reader (or a crash) sees the old file or the new one,
     never half of it: a temporary sibling, flushed to disk, renamed into place. Creates the

@@ -12,8 +12,10 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def summary(path: str | Path, budget_mb: float = 1024.0) -> dict:
-    b = load_bundle(path)
+def summary(path: str | Path, budget_mb: float = 1024.0, verify: bool = False) -> dict:
+    """bundle.json's summary; `verify` hashes every file (else files matched before and
+    unchanged since are trusted, as every load does: `runtime/verified.py`)."""
+    b = load_bundle(path, memo=not verify)
     m, lay = b.manifest, b.layout
     budget = int(budget_mb * 2**20)
     dense_frames = lay.frames_in_budget(budget, mod=False)
@@ -45,11 +47,14 @@ def summary(path: str | Path, budget_mb: float = 1024.0) -> dict:
         "int8": m.get("int8"),
         "qdq": m.get("qdq"),
         "files": {k: v["bytes"] for k, v in m["files"].items()},
+        "files_hashed": verify,
     }
 
 
-def describe(path: str | Path, as_json: bool = False, budget_mb: float = 1024.0) -> str:
-    s = summary(path, budget_mb)
+def describe(
+    path: str | Path, as_json: bool = False, budget_mb: float = 1024.0, verify: bool = False
+) -> str:
+    s = summary(path, budget_mb, verify)
     if as_json:
         return json.dumps(s, indent=2)
     mo, kv, mod = s["model"], s["kv"], s["mod"]
@@ -97,4 +102,6 @@ def describe(path: str | Path, as_json: bool = False, budget_mb: float = 1024.0)
             f"on {q.get('steps')} steps"
         )
     lines.append("  files     " + ", ".join(f"{k} ({_mb(v)})" for k, v in s["files"].items()))
+    if s["files_hashed"]:
+        lines.append(f"            all {len(s['files'])} files match their sha256 in bundle.json")
     return "\n".join(lines)

@@ -172,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise OnsightError(problem)
     from onsight.runtime.assistant import Assistant, AssistantConfig
     from onsight.runtime.capture import open_source
-    from onsight.runtime.synthetic.cli import cache_dir, resolve_source
+    from onsight.runtime.files import cache_dir
+    from onsight.runtime.synthetic.cli import resolve_source
     from onsight.runtime.transcript import Transcript
 
     from .app import OnsightApp

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from onsight.runtime.errors import OnsightError
+from onsight.runtime.files import cache_dir
 from onsight.runtime.synthetic.video import render_demo_video
 
 DEMO_SEED = 7  # a seed outside the demo model's training range
 DEMO_SECONDS = 180.0
-
-
-def cache_dir() -> Path:
-    """~/.cache/onsight, or $XDG_CACHE_HOME/onsight."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "onsight"
 
 
 def demo_video_path() -> Path:
