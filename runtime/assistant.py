@@ -108,6 +108,7 @@ class Assistant:
         self._captured = 0
         self._dropped = 0
         self._stage_ms: dict[str, float] = {}
+        self._last_stats: StatsEvent | None = None  # as of the last frame done
         self._t0 = time.perf_counter()
         self._pruned = 0
         self._prune = self.config.prune_static_tokens and self._pruning_supported()
@@ -398,8 +399,9 @@ class Assistant:
                 )
             for q, ids in out.answers:
                 events.append(self._answered(q, ids, frame.index, frame.timestamp))
+            self._last_stats = self._stats()  # what stats() gives while the next frame runs
             if self._processed % max(1, self.config.stats_every) == 0:
-                events.append(self._stats())
+                events.append(self._last_stats)
         yield from events
 
     def _answered(self, q: str, ids: list[int], index: int, timestamp: float) -> AnswerEvent:
@@ -410,7 +412,20 @@ class Assistant:
         return event
 
     def stats(self) -> StatsEvent:
-        with self._lock, self._working():
+        """Timings, KV fill, frames processed and dropped. Never waits for a frame being
+        processed on another thread (one answering many questions can take seconds): it
+        then gives the stats as of the last frame done."""
+        self._check_open()
+        if self._lock.acquire(blocking=False):
+            try:
+                with self._working():
+                    return self._clock.stamp(self._stats())
+            finally:
+                self._lock.release()
+        last = self._last_stats
+        if last is not None:
+            return self._clock.stamp(last)
+        with self._lock, self._working():  # the first frame is still running: wait for it
             return self._clock.stamp(self._stats())
 
     def _stats(self) -> StatsEvent:

@@ -357,6 +357,32 @@ def test_ask_does_not_wait_for_the_frame_being_processed():
     a.close()
 
 
+def test_stats_does_not_wait_for_the_frame_being_processed():
+    a = Assistant(DEMO)
+    a.push(FRAME, 0.0)
+    inner = a._stepper.inner
+    entered, release = threading.Event(), threading.Event()
+    frame_step = inner.frame
+
+    def slow_frame(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return frame_step(*args, **kwargs)
+
+    inner.frame = slow_frame
+    t = threading.Thread(target=lambda: a.push(FRAME, 0.5), daemon=True)
+    t.start()
+    assert entered.wait(30)
+    started = time.perf_counter()
+    during = a.stats()
+    assert time.perf_counter() - started < 1.0
+    assert during.frames_processed == 1  # as of the last frame done
+    release.set()
+    t.join(30)
+    assert a.stats().frames_processed == 2
+    a.close()
+
+
 def test_narrate_ends_with_one_stats_event_and_refuses_zero_frames(tmp_path):
     from onsight.runtime.capture import open_source
 
