@@ -164,7 +164,7 @@ class Assistant:
                 answers = self._loop.answer_pending()
             except Exception as e:
                 err = OnsightError(f"answering failed after frame {last.index}: {e}")
-                fail(unanswered(asked, self._questions), err)
+                fail(unanswered(asked, list(self._questions)), err)
                 raise err from e
             return self._clock.stamp_all(
                 [self._answered(q, ids, last.index, last.timestamp) for q, ids in answers]
@@ -387,7 +387,7 @@ class Assistant:
                 out: FrameOutcome = self._loop.on_frame(embeds, keep)
             except Exception as e:
                 err = OnsightError(f"inference failed at frame {frame.index}: {e}")
-                fail(unanswered(asked, self._questions), err)
+                fail(unanswered(asked, list(self._questions)), err)
                 raise err from e
             self._processed += 1
             self._last_frame = frame
@@ -483,7 +483,7 @@ class Assistant:
                 return
             self._closed = True
             fail(
-                self._questions,
+                list(self._questions),  # copied in one step: ask() appends without the lock
                 _Closed("this Assistant was closed before the question was answered"),
             )
             narrating = self._narrating
