@@ -331,8 +331,11 @@ def test_pushes_from_several_threads_without_timestamps_stay_in_order(demo):
     assert demo.stats().frames_processed == 100 and not warned
 
 
-def test_ask_does_not_wait_for_the_frame_being_processed():
-    a = Assistant(DEMO)
+def _frame_in_flight(
+    a: Assistant, timestamp: float
+) -> tuple[threading.Thread, threading.Event, list]:
+    """push() a frame on another thread and hold it inside the frame step until the returned
+    event is set; returns once the frame is in flight (and the list its events go to)."""
     inner = a._stepper.inner
     entered, release = threading.Event(), threading.Event()
     frame_step = inner.frame
@@ -340,13 +343,20 @@ def test_ask_does_not_wait_for_the_frame_being_processed():
     def slow_frame(*args, **kwargs):
         entered.set()
         release.wait(30)
+        inner.frame = frame_step
         return frame_step(*args, **kwargs)
 
     inner.frame = slow_frame
     events: list = []
-    t = threading.Thread(target=lambda: events.extend(a.push(FRAME, 0.0)), daemon=True)
+    t = threading.Thread(target=lambda: events.extend(a.push(FRAME, timestamp)), daemon=True)
     t.start()
     assert entered.wait(30)
+    return t, release, events
+
+
+def test_ask_does_not_wait_for_the_frame_being_processed():
+    a = Assistant(DEMO)
+    t, release, events = _frame_in_flight(a, 0.0)
     started = time.perf_counter()
     a.ask("how many objects are there?")
     assert time.perf_counter() - started < 1.0
@@ -360,19 +370,7 @@ def test_ask_does_not_wait_for_the_frame_being_processed():
 def test_stats_does_not_wait_for_the_frame_being_processed():
     a = Assistant(DEMO)
     a.push(FRAME, 0.0)
-    inner = a._stepper.inner
-    entered, release = threading.Event(), threading.Event()
-    frame_step = inner.frame
-
-    def slow_frame(*args, **kwargs):
-        entered.set()
-        release.wait(30)
-        return frame_step(*args, **kwargs)
-
-    inner.frame = slow_frame
-    t = threading.Thread(target=lambda: a.push(FRAME, 0.5), daemon=True)
-    t.start()
-    assert entered.wait(30)
+    t, release, _ = _frame_in_flight(a, 0.5)
     started = time.perf_counter()
     during = a.stats()
     assert time.perf_counter() - started < 1.0
