@@ -41,7 +41,6 @@ from onsight.runtime.questions import (
     fail,
     question_budget,
     settle,
-    unanswered,
 )
 from onsight.runtime.stepper import TimedStepper
 from onsight.runtime.stream_loop import FrameOutcome, Sampler, StreamLoop
@@ -137,7 +136,9 @@ class Assistant:
         Returns a `concurrent.futures.Future` that the same AnswerEvent completes, so another
         thread can wait for it: `a.ask("is the door open?").result(timeout=5)`. It fails with
         OnsightError if the Assistant is closed first or answering fails; cancelling it only
-        drops the result (the question is still answered in the stream).
+        drops the result (the question is still answered in the stream). Wait on it from a
+        thread other than the one that pushes frames or iterates `narrate()` (that thread
+        answers it); its callbacks run on that thread, inside the frame, so keep them short.
 
         Raises OnsightError for a question that is not a string, empty, or longer than the
         bundle's KV cache can hold in one turn (`max_question_tokens`)."""
@@ -159,12 +160,13 @@ class Assistant:
             last = self._last_frame
             if last is None:
                 return []
-            asked = list(self._questions)
             try:
                 answers = self._loop.answer_pending()
-            except Exception as e:
+            except BaseException as e:  # KeyboardInterrupt too: no question waits forever
                 err = OnsightError(f"answering failed after frame {last.index}: {e}")
-                fail(unanswered(asked, list(self._questions)), err)
+                fail(self._loop.taken, err)  # also those asked (on other threads) meanwhile
+                if not isinstance(e, Exception):
+                    raise
                 raise err from e
             return self._clock.stamp_all(
                 [self._answered(q, ids, last.index, last.timestamp) for q, ids in answers]
@@ -382,12 +384,13 @@ class Assistant:
                     self._pruned += embeds.shape[0] - len(keep)
             self._last_embeds = embeds
             self._stepper.decode_ms = 0.0
-            asked = list(self._questions)
             try:
                 out: FrameOutcome = self._loop.on_frame(embeds, keep)
-            except Exception as e:
+            except BaseException as e:  # KeyboardInterrupt too: no question waits forever
                 err = OnsightError(f"inference failed at frame {frame.index}: {e}")
-                fail(unanswered(asked, list(self._questions)), err)
+                fail(self._loop.taken, err)  # also those asked (on other threads) meanwhile
+                if not isinstance(e, Exception):
+                    raise
                 raise err from e
             self._processed += 1
             self._last_frame = frame

@@ -83,10 +83,3 @@ def fail(questions: Iterable[str], error: BaseException) -> None:
                 future.set_exception(error)
             except InvalidStateError:
                 pass
-
-
-def unanswered(before: Iterable[str], queued: Iterable[str]) -> list[str]:
-    """Of the questions queued `before` a step that failed, those it took from the queue: they
-    were lost with the step."""
-    still = {id(q) for q in queued}
-    return [q for q in before if id(q) not in still]

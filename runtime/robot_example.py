@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             # ... read sensors, run the controller, command the motors here ...
             if count is not None and count.done():
-                answer: AnswerEvent = count.result()
-                log.info("answered at t=%.1fs: %s", answer.frame_timestamp, answer.text)
+                if count.exception() is not None:  # closed, or the model failed on that frame
+                    log.warning("no answer: %s", count.exception())
+                else:
+                    answer: AnswerEvent = count.result()
+                    log.info("answered at t=%.1fs: %s", answer.frame_timestamp, answer.text)
                 count = None
             while not events.empty():
                 ev = events.get_nowait()

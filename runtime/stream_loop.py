@@ -103,6 +103,9 @@ class StreamLoop:
         self.sample = sampler or Sampler()
         # pending questions; an owner may pass its own deque to keep them across loops
         self.questions: deque[str] = deque() if questions is None else questions
+        # the questions the last on_frame()/answer_pending() took from `questions` (also
+        # those asked while it ran): lost with it if it raised
+        self.taken: list[str] = []
         self._groups = 0
         self._pending: list[int] = []
         self.frames_seen = 0
@@ -125,6 +128,7 @@ class StreamLoop:
     def on_frame(self, embeds: np.ndarray, keep: np.ndarray | None = None) -> FrameOutcome:
         """One frame's vision tokens (N, hidden) through prefill, decision and any turns;
         `keep` restricts the prefill to those token indices (training-free pruning)."""
+        self.taken = []
         if not self.started:
             self.start()
         if keep is None:
@@ -150,6 +154,7 @@ class StreamLoop:
         answers: list[tuple[str, list[int]]] = []
         while self.questions:
             q = self.questions.popleft()
+            self.taken.append(q)
             prefix = tail + ([] if closed else list(self.t.stream_close))
             prefix += list(self.t.user_prefix) + self.encode(q) + list(self.t.assistant_prefix)
             answer, tail = self.generate(prefix)
@@ -160,6 +165,7 @@ class StreamLoop:
     def answer_pending(self) -> list[tuple[str, list[int]]]:
         """Answer the queued questions now, between frames (after a file ended, say), with
         the turns a frame boundary would give them; none before the first frame."""
+        self.taken = []
         if self.frames_seen == 0 or not self.questions:
             return []
         t = self.t

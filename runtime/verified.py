@@ -3,8 +3,11 @@ gigabytes (an 8B model's graphs, TensorRT plans) is hashed once, not at every st
 
 A file counts as checked while its inode, size, mtime and ctime are those it had when it
 matched: writing it (or copying, restoring, `touch -d` on it) changes its ctime, so it is hashed
-again. Like git's index this cannot see bits rotting in place; `onsight info --verify` hashes
-every file regardless. The record lives in the user's cache (`files.cache_dir()`), is written
+again. That holds on filesystems with a real ctime (ext4, xfs, btrfs, overlayfs); on FAT/exFAT
+cards, squashfs or images built with fixed timestamps a file rewritten to its old size and
+mtime may be trusted; a new bundle.json (every export and build writes one) checks its files
+afresh anyway. Like git's index this cannot see bits rotting in place; `onsight info --verify`
+hashes every file regardless. The record lives in the user's cache (`files.cache_dir()`), is written
 atomically, and a record that cannot be read or written only costs the hashing.
 """
 
