@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from media_builders import image_folder
 
 from onsight.runtime.assistant import Assistant, AssistantConfig
 from onsight.runtime.bundle import load_bundle, resolve_engine
@@ -244,17 +244,6 @@ def test_close_from_inside_reset_on_the_same_thread_releases_after_it():
         a.stats()
 
 
-def _image_folder(tmp_path: Path, n: int) -> Path:
-    """A folder of n small PNG frames of rising brightness (an image-folder source)."""
-    import cv2
-
-    folder = tmp_path / "frames"
-    folder.mkdir()
-    for i in range(n):
-        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((32, 32, 3), i * 40 % 256, np.uint8))
-    return folder
-
-
 def test_close_ends_a_narrate_waiting_on_a_stalled_live_source():
     from onsight.runtime.capture.live import LiveSource
     from onsight.runtime.capture.sources import SourceKind
@@ -290,7 +279,7 @@ def test_close_ends_a_narrate_waiting_on_a_stalled_live_source():
 
 
 def test_close_stops_the_threads_of_a_narrate_left_suspended(tmp_path):
-    folder = _image_folder(tmp_path, 12)
+    folder = image_folder(tmp_path, 12)
     a = Assistant(DEMO, AssistantConfig(realtime=False))
     events = a.narrate(str(folder))
     next(events)  # the caller keeps the generator and walks away
@@ -307,7 +296,7 @@ def _pipeline_threads() -> list[str]:
 
 
 def test_one_assistant_narrates_one_stream_at_a_time(tmp_path):
-    folder = _image_folder(tmp_path, 4)
+    folder = image_folder(tmp_path, 4)
     with Assistant(DEMO, AssistantConfig(realtime=False)) as a:
         first = a.narrate(str(folder))
         next(first)  # running
@@ -332,68 +321,10 @@ def test_pushes_from_several_threads_without_timestamps_stay_in_order(demo):
     assert demo.stats().frames_processed == 100 and not warned
 
 
-def _frame_in_flight(
-    a: Assistant, timestamp: float
-) -> tuple[threading.Thread, threading.Event, list]:
-    """push() a frame on another thread and hold it inside the frame step until the returned
-    event is set; returns once the frame is in flight (and the list its events, or the
-    OnsightError it raised, go to)."""
-    inner = a._stepper.inner
-    entered, release = threading.Event(), threading.Event()
-    frame_step = inner.frame
-
-    def slow_frame(*args, **kwargs):
-        entered.set()
-        release.wait(30)
-        inner.frame = frame_step
-        return frame_step(*args, **kwargs)
-
-    inner.frame = slow_frame
-    events: list = []
-
-    def push() -> None:
-        try:
-            events.extend(a.push(FRAME, timestamp))
-        except OnsightError as e:
-            events.append(e)
-
-    t = threading.Thread(target=push, daemon=True)
-    t.start()
-    assert entered.wait(30)
-    return t, release, events
-
-
-def test_ask_does_not_wait_for_the_frame_being_processed():
-    a = Assistant(DEMO)
-    t, release, events = _frame_in_flight(a, 0.0)
-    started = time.perf_counter()
-    a.ask("how many objects are there?")
-    assert time.perf_counter() - started < 1.0
-    release.set()
-    t.join(30)
-    events += a.push(FRAME, 0.5)  # answered after that frame or this one
-    assert [type(e) for e in events] == [AnswerEvent]
-    a.close()
-
-
-def test_stats_does_not_wait_for_the_frame_being_processed():
-    a = Assistant(DEMO)
-    a.push(FRAME, 0.0)
-    t, release, _ = _frame_in_flight(a, 0.5)
-    started = time.perf_counter()
-    during = a.stats()
-    assert time.perf_counter() - started < 1.0
-    assert during.frames_processed == 1  # as of the last frame done
-    release.set()
-    t.join(30)
-    assert a.stats().frames_processed == 2
-    a.close()
-
-
 def test_narrate_ends_with_one_stats_event_and_refuses_zero_frames(tmp_path):
     from onsight.runtime.capture import open_source
 
-    folder = _image_folder(tmp_path, 6)
+    folder = image_folder(tmp_path, 6)
     with Assistant(DEMO, AssistantConfig(stats_every=3, realtime=False)) as a:
         with pytest.raises(OnsightError, match="max_frames"):
             next(a.narrate(str(folder), max_frames=0))
@@ -565,120 +496,3 @@ def test_events_of_push_answer_now_and_stats_share_one_non_decreasing_clock(demo
     assert [type(e) for e in events[-2:]] == [AnswerEvent, StatsEvent]
     times = [e.wall_time for e in events]
     assert times == sorted(times) and times[0] > 0
-
-
-def test_ask_returns_a_future_another_thread_can_wait_on(demo):
-    """A robot's planner thread asks and waits; the camera thread's push() answers."""
-    got: list = []
-    # asked here, so the push below takes it however late the waiter thread starts
-    asked = demo.ask("how many objects are there?")
-    waiter = threading.Thread(target=lambda: got.append(asked.result(timeout=30)))
-    waiter.start()
-    events = demo.push(FRAME, 0.0)
-    waiter.join(30)
-    (in_stream,) = [e for e in events if isinstance(e, AnswerEvent)]
-    (answer,) = got
-    assert isinstance(answer, AnswerEvent)
-    assert (answer.question, answer.text, answer.frame_index) == (
-        in_stream.question,
-        in_stream.text,
-        in_stream.frame_index,
-    )
-    assert type(answer.question) is str
-    # answer_now() completes them too; several questions complete in the order asked
-    first, second = demo.ask("what colour is the square?"), demo.ask("how many objects are there?")
-    now = demo.answer_now()
-    assert [first.result(0).text, second.result(0).text] == [e.text for e in now]
-
-
-def test_pending_futures_fail_when_closed_and_a_cancelled_one_stays_cancelled():
-    a = Assistant(DEMO)
-    dropped, pending = a.ask("what colour is the square?"), a.ask("how many objects are there?")
-    assert dropped.cancel()
-    a.push(FRAME, 0.0)  # answers both: the cancelled one's answer is dropped, nothing raised
-    assert dropped.cancelled() and pending.result(0).text
-    late = a.ask("how many objects are there?")
-    a.close()
-    with pytest.raises(OnsightError, match="closed before the question was answered"):
-        late.result(timeout=5)
-
-
-def test_a_failed_frame_fails_the_futures_of_the_questions_it_took(demo):
-    demo.push(FRAME, 0.0)
-    asked = demo.ask("how many objects are there?")
-    inner = demo._stepper.inner
-    frame_step = inner.frame
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("device lost")
-
-    inner.frame = broken
-    with pytest.raises(OnsightError, match="inference failed"):
-        demo.push(FRAME, 0.5)
-    # the question was still queued when the frame step failed: it waits for the next frame
-    assert not asked.done()
-    inner.frame = frame_step
-    text_step = inner.text
-    inner.text = broken
-    with pytest.raises(OnsightError, match="inference failed"):
-        demo.push(FRAME, 1.0)
-    with pytest.raises(OnsightError, match="device lost"):
-        asked.result(timeout=5)
-    inner.text = text_step
-
-
-def _failing_once_a_question_is_taken(a: Assistant, error: BaseException):
-    """Make the text step raise `error` once the step has taken a question from the queue
-    (so it fails inside the question's turn, not in a narration before it)."""
-    text_step = a._stepper.inner.text
-
-    def text(*args, **kwargs):
-        if a._loop.taken:
-            raise error
-        return text_step(*args, **kwargs)
-
-    a._stepper.inner.text = text
-
-
-def test_a_question_asked_while_the_failing_frame_ran_fails_too():
-    """ask() on another thread while the frame is in flight: that frame takes the question,
-    so its failure must fail the Future (it is in no snapshot taken before the step)."""
-    a = Assistant(DEMO)
-    t, release, events = _frame_in_flight(a, 0.0)
-    asked = a.ask("how many objects are there?")
-    _failing_once_a_question_is_taken(a, RuntimeError("device lost"))
-    release.set()
-    t.join(30)
-    (error,) = events
-    assert isinstance(error, OnsightError) and "inference failed" in str(error)
-    with pytest.raises(OnsightError, match="device lost"):
-        asked.result(timeout=5)
-    a.close()
-
-
-def test_an_interrupted_step_fails_the_futures_it_took_and_still_raises_the_interrupt(demo):
-    demo.push(FRAME, 0.0)
-    first = demo.ask("how many objects are there?")
-    _failing_once_a_question_is_taken(demo, KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
-        demo.push(FRAME, 0.5)
-    with pytest.raises(OnsightError, match="inference failed at frame 1"):
-        first.result(timeout=5)
-    second = demo.ask("how many objects are there?")
-    with pytest.raises(KeyboardInterrupt):
-        demo.answer_now()
-    with pytest.raises(OnsightError, match="answering failed"):
-        second.result(timeout=5)
-
-
-def test_robot_example_logs_the_answer_its_control_loop_polls(tmp_path, caplog):
-    from onsight.runtime import robot_example
-
-    folder = _image_folder(tmp_path, 6)
-    with caplog.at_level("INFO", logger="robot"):
-        rc = robot_example.main(
-            ["--engine", str(DEMO), "--source", str(folder), "--seconds", "8", "--hz", "50"]
-        )
-    assert rc == 0
-    # at the first frame, or a later one if the perception thread got there first
-    assert re.search(r"answered at t=\d+\.\ds: ", caplog.text)
