@@ -450,8 +450,15 @@ class Assistant:
         )
 
     def warn(self, message: str) -> WarningEvent:
+        """Log `message` and return it as a WarningEvent (stamped on this Assistant's clock),
+        for callers that report problems among the events."""
         log.warning("%s", message)
-        return WarningEvent(message)
+        return self._clock.stamp(WarningEvent(message))
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called (every later call raises OnsightError)."""
+        return self._closed
 
     def reset(self) -> None:
         """Forget the stream (empty the KV cache); the next frame starts a new one.

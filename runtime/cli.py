@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from onsight.runtime.errors import OnsightError
+from onsight.runtime.narrate_cli import add_question_flags
 
 log = logging.getLogger("onsight")
 
@@ -167,35 +168,9 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 
 def cmd_narrate(a: argparse.Namespace) -> int:
-    from onsight.runtime.assistant import Assistant, AssistantConfig
-    from onsight.runtime.transcript import Transcript
+    from onsight.runtime.narrate_cli import cmd_narrate as run
 
-    cfg = AssistantConfig(
-        backend=a.backend,
-        fps=a.fps,
-        realtime=not a.no_realtime,
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        decode_workers=a.decode_workers,
-        skip_duplicate_frames=a.skip_duplicates,
-        prune_static_tokens=a.prune_static,
-    )
-    transcript = None
-    try:
-        with Assistant(a.engine, cfg) as assistant:
-            for q in a.ask or []:
-                assistant.ask(q)
-            # opened once the bundle and questions are good, so a refused run leaves no file
-            transcript = Transcript(a.transcript) if a.transcript else None
-            for event in assistant.narrate(a.source, max_frames=a.max_frames):
-                line = event.to_json()
-                print(line, flush=True)
-                if transcript:
-                    transcript.append(line)
-    finally:
-        if transcript:
-            transcript.close()
-    return EXIT_OK
+    return run(a)
 
 
 # ---- delegated commands (their modules own their flags) ----
@@ -347,9 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on one narration (default: the bundle's)",
     )
     n.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 is greedy (default)")
-    n.add_argument(
-        "--ask", action="append", help="a question to ask at the first frame (repeatable)"
-    )
+    add_question_flags(n)
     n.add_argument(
         "--prune-static", action="store_true", help="DyCoke-style temporal token pruning"
     )
