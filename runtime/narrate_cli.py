@@ -1,19 +1,15 @@
 """`onsight narrate`: a source narrated headless, one JSON event per line on stdout (and in a
 transcript), with questions from the command line and, with `--questions`, from a stream read
-while it narrates (stdin, a FIFO another process writes, or a file)."""
+while it narrates (stdin, a FIFO another process writes, or a file: runtime/question_stream.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import stat
-import sys
 import threading
-from pathlib import Path
 
-from onsight.runtime.errors import OnsightError
 from onsight.runtime.events import Event
+from onsight.runtime.question_stream import Questions, check_questions, start_questions
 
 log = logging.getLogger(__name__)
 
@@ -41,76 +37,12 @@ class EventOut:
             transcript.close()
 
 
-def is_regular_file(spec: str) -> bool:
-    """A file read whole at once (also stdin redirected from one): its questions are asked
-    before the first frame, so which frame answers them does not depend on thread timing."""
-    try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode if spec == "-" else os.stat(spec).st_mode
-    except (OSError, ValueError):
-        return False
-    return stat.S_ISREG(mode)
-
-
-def ask_lines(lines, assistant, out: EventOut) -> None:
-    """Ask each non-blank line; a refused one becomes a warning event."""
-    for line in lines:
-        if assistant.closed:
-            return
-        if not line.strip():
-            continue
-        try:
-            assistant.ask(line)
-        except OnsightError as e:
-            if assistant.closed:
-                return
-            out.emit(assistant.warn(f"question not asked: {e}"))
-
-
-def read_questions(spec: str, assistant, out: EventOut) -> None:
-    """Ask every non-blank line of `spec` (`-`: stdin) as it arrives; a question the assistant
-    refuses (too long for the bundle's KV cache, say) becomes a warning event, not an exit.
-    A FIFO or terminal is opened and read on a thread of its own (it blocks until its writer
-    opens it, and narration must not wait for that). Ends at the stream's end or when the
-    assistant is closed."""
-    try:
-        stream = sys.stdin if spec == "-" else open(spec, encoding="utf-8", errors="replace")  # noqa: SIM115
-    except OSError as e:
-        out.emit(assistant.warn(f"--questions {spec}: cannot read it ({e.strerror}); no questions"))
-        return
-    try:
-        ask_lines(stream, assistant, out)
-    except (OSError, ValueError) as e:  # the stream was closed under us
-        log.debug("question stream ended: %s", e)
-    finally:
-        if stream is not sys.stdin:
-            stream.close()
-
-
-def check_questions(spec: str) -> None:
-    """Refuse up front a --questions path that cannot be read (`-` is stdin)."""
-    if spec == "-":
-        return
-    path = Path(spec)
-    problem = (
-        "no such file"
-        if not path.exists()
-        else "a folder"
-        if path.is_dir()
-        else "not readable"
-        if not os.access(path, os.R_OK)
-        else None
-    )
-    if problem:
-        raise OnsightError(
-            f"--questions {spec}: {problem}; give a file, a FIFO another process writes "
-            "(mkfifo), or - for stdin"
-        )
-
-
 def cmd_narrate(a: argparse.Namespace) -> int:
     from onsight.runtime.assistant import Assistant, AssistantConfig
     from onsight.runtime.transcript import Transcript
 
+    if a.questions:
+        check_questions(a.questions)  # before the bundle loads: a mistyped path fails at once
     cfg = AssistantConfig(
         backend=a.backend,
         fps=a.fps,
@@ -122,29 +54,25 @@ def cmd_narrate(a: argparse.Namespace) -> int:
         prune_static_tokens=a.prune_static,
     )
     out = EventOut()
+    questions: Questions | None = None
     try:
         with Assistant(a.engine, cfg) as assistant:
             for q in a.ask or []:
                 assistant.ask(q)
-            if a.questions:
-                check_questions(a.questions)
             # opened once the bundle and questions are good, so a refused run leaves no file
             out.transcript = Transcript(a.transcript) if a.transcript else None
-            if a.questions and is_regular_file(a.questions):
-                read_questions(a.questions, assistant, out)  # all of it, now
-            elif a.questions:
-                threading.Thread(
-                    target=read_questions,
-                    args=(a.questions, assistant, out),
-                    name="onsight-questions",
-                    daemon=True,  # a reader blocked on stdin must not keep the process alive
-                ).start()
+            if a.questions:
+                questions = start_questions(a.questions, assistant, out.emit)
             for event in assistant.narrate(a.source, max_frames=a.max_frames):
                 out.emit(event)
+            if questions:
+                questions.stop()  # each question asked by now is answered just below
             # questions that came in during the last frame: answered from what was seen
             for event in assistant.answer_now():
                 out.emit(event)
     finally:
+        if questions:
+            questions.stop()  # also on Ctrl-C or an error: the reader reports nothing more
         out.close()
     return 0
 
@@ -156,17 +84,11 @@ def add_question_flags(n: argparse.ArgumentParser) -> None:
     n.add_argument(
         "--questions",
         metavar="FILE",
-        help="also ask each line of FILE as it arrives while narrating: - for stdin, or a FIFO "
-        "another process writes (mkfifo); each answer is an answer event after the next frame",
+        help="also ask each line of FILE (UTF-8, one question a line): a file is read at the "
+        "start and answered at the first frame; - (stdin: typed or piped) or a FIFO another "
+        "process writes (mkfifo; each `echo QUESTION > FIFO` is read) is read as lines arrive "
+        "while narrating, each answered after the next frame",
     )
 
 
-__all__ = [
-    "EventOut",
-    "add_question_flags",
-    "ask_lines",
-    "check_questions",
-    "cmd_narrate",
-    "is_regular_file",
-    "read_questions",
-]
+__all__ = ["EventOut", "add_question_flags", "cmd_narrate"]
