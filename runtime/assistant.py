@@ -160,14 +160,8 @@ class Assistant:
             last = self._last_frame
             if last is None:
                 return []
-            try:
+            with self._step(f"answering failed after frame {last.index}"):
                 answers = self._loop.answer_pending()
-            except BaseException as e:  # KeyboardInterrupt too: no question waits forever
-                err = OnsightError(f"answering failed after frame {last.index}: {e}")
-                fail(self._loop.taken, err)  # also those asked (on other threads) meanwhile
-                if not isinstance(e, Exception):
-                    raise
-                raise err from e
             return self._clock.stamp_all(
                 [self._answered(q, ids, last.index, last.timestamp) for q, ids in answers]
             )
@@ -325,6 +319,21 @@ class Assistant:
             return frame, np.zeros((0,), np.float32)
 
     @contextmanager
+    def _step(self, failure: str):
+        """Run one step of the loop: if it raises, the questions it took from the queue (also
+        those asked on other threads meanwhile) have their Futures failed, so none waits
+        forever; an Exception is raised as OnsightError(`failure`: ...), a KeyboardInterrupt
+        as itself."""
+        try:
+            yield
+        except BaseException as e:
+            err = OnsightError(f"{failure}: {e}")
+            fail(self._loop.taken, err)
+            if not isinstance(e, Exception):
+                raise
+            raise err from e
+
+    @contextmanager
     def _working(self):
         """Hold the sessions open while this block runs: close() from another thread waits
         for it; close() from this very thread (a signal handler, a callback) leaves the
@@ -384,14 +393,8 @@ class Assistant:
                     self._pruned += embeds.shape[0] - len(keep)
             self._last_embeds = embeds
             self._stepper.decode_ms = 0.0
-            try:
+            with self._step(f"inference failed at frame {frame.index}"):
                 out: FrameOutcome = self._loop.on_frame(embeds, keep)
-            except BaseException as e:  # KeyboardInterrupt too: no question waits forever
-                err = OnsightError(f"inference failed at frame {frame.index}: {e}")
-                fail(self._loop.taken, err)  # also those asked (on other threads) meanwhile
-                if not isinstance(e, Exception):
-                    raise
-                raise err from e
             self._processed += 1
             self._last_frame = frame
             self._stage_ms.update(prefill=self._stepper.prefill_ms, decode=self._stepper.decode_ms)
