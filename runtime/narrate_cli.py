@@ -5,13 +5,10 @@ while it narrates (stdin, a FIFO another process writes, or a file: runtime/ques
 from __future__ import annotations
 
 import argparse
-import logging
 import threading
 
 from onsight.runtime.events import Event
 from onsight.runtime.question_stream import Questions, check_questions, start_questions
-
-log = logging.getLogger(__name__)
 
 
 class EventOut:
