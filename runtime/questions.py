@@ -4,6 +4,7 @@ queued question that carries the Future its answer completes."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 
@@ -31,14 +32,19 @@ def question_budget(bundle: Bundle, t: TemplateIds, max_new_tokens: int) -> int:
     return max(0, room - len(t.sink) - before - turn - (max_new_tokens - 1))
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def check_question(
     question: object, encode: Callable[[str], list[int]], limit: int, max_new_tokens: int
 ) -> str:
-    """The question as ask() queues it (stripped). Raises OnsightError for one that is not a
-    str, is empty, or is longer than `limit` tokens (`question_budget`)."""
+    """The question as ask() queues it (stripped; lone surrogates, e.g. from a command line's
+    non-UTF-8 bytes, become U+FFFD as they would in text read with errors="replace"). Raises
+    OnsightError for one that is not a str, is empty, or is longer than `limit` tokens
+    (`question_budget`)."""
     if not isinstance(question, str):
         raise OnsightError(f"ask(): the question must be a str, got {type(question).__name__}")
-    q = question.strip()
+    q = _SURROGATE.sub("\ufffd", question).strip()
     if not q:
         raise OnsightError("ask(): the question is empty")
     n = len(encode(q))

@@ -109,6 +109,17 @@ def test_ask_returns_a_future_another_thread_can_wait_on(demo):
     assert [first.result(0).text, second.result(0).text] == [e.text for e in now]
 
 
+def test_a_question_with_bytes_that_are_not_utf8_is_answered(demo):
+    """A command line's non-UTF-8 bytes reach ask() as lone surrogates (surrogateescape); the
+    question is asked with U+FFFD in their place instead of failing inside the tokenizer."""
+    raw = b"what colour is the squ\xe9re?"
+    asked = demo.ask(raw.decode("utf-8", "surrogateescape"))
+    demo.push(FRAME, 0.0)
+    answer = asked.result(0)
+    assert answer.question == "what colour is the squ\ufffdre?"
+    assert answer.text
+
+
 def test_pending_futures_fail_when_closed_and_a_cancelled_one_stays_cancelled():
     a = Assistant(DEMO)
     dropped, pending = a.ask("what colour is the square?"), a.ask("how many objects are there?")
