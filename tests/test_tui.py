@@ -31,7 +31,6 @@ from onsight.tui.preview import Preview, fit_size, half_block_rows
 from onsight.tui.stats_panel import fill_bar
 
 REPO = Path(__file__).resolve().parents[1]
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 # `onsight run` with "--": the CLI's REMAINDER drops flags that come first otherwise.
 RUN = ("run",)
 T0 = 1_800_000_000.0  # fixed wall clock for the fake events, so snapshots are stable
@@ -505,14 +504,16 @@ def _wait_pane(socket: str, done, timeout: float) -> str:
 
 
 def test_real_app_in_tmux_narrates_and_quits_with_0(run_bundle, tmp_path):
-    """The installed app, a real bundle, a real video, a real terminal (tmux): narration
+    """The installed app, a real bundle, an H.264 file, a real terminal (tmux): narration
     shows up, a question typed into the box is answered, q exits 0, the transcript is kept.
+    The file is the demo video (the world the shipped model narrates; on ../shared/videos'
+    real footage it stays silent, as it should).
     """
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install -y tmux)")
-    video = VIDEOS / "bottle-detection.mp4"
-    if not video.is_file():
-        pytest.skip(f"real video {video} is missing (../shared/videos sits beside the repo)")
+    from onsight.runtime.synthetic import render_demo_video
+
+    video = render_demo_video(tmp_path / "demo.mp4", seed=0, seconds=60, write_events=False).path
     socket = str(tmp_path / "tmux.sock")  # a private tmux server, killed below
     exit_file = tmp_path / "exit"
     transcript = tmp_path / "run.jsonl"
