@@ -384,3 +384,33 @@ def test_train_demo_refusals_are_onsight_errors_with_exit_2(tmp_path, capsys):
     argv = ["train-demo", "--out", str(tmp_path / "t2"), "--keep-last", "--full-compute"]
     assert main(argv) == 2
     assert "onsight: error: --keep-last chooses which tokens" in capsys.readouterr().err
+
+
+def test_train_demo_on_cuda_without_a_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this torch sees a CUDA GPU: the refusal is for machines without one")
+    from onsight.exporter.demo.train import main
+
+    with pytest.raises(OnsightError, match="sees no CUDA GPU.*--device cpu"):
+        main(["--out", str(tmp_path / "run"), "--steps", "2", "--device", "cuda"])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+def test_a_short_training_run_on_cuda_lowers_the_loss_and_writes_a_cpu_checkpoint(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    import json
+
+    from onsight.exporter.demo.train import train
+    from onsight.exporter.model import load_native
+
+    tcfg = TrainConfig(seed=3, steps=60, batch_size=4, num_frames=8, warmup=5, lr=3e-3)
+    native = train(tmp_path / "run", tcfg, "cuda", resume=False, minutes=None)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 60
+    first = sum(r["lm"] + r["stream"] for r in log[:5])
+    last = sum(r["lm"] + r["stream"] for r in log[-5:])
+    assert last < 0.7 * first
+    model, _ = load_native(native)  # the checkpoint loads on a CPU-only reader
+    assert next(model.parameters()).device.type == "cpu"

@@ -446,6 +446,12 @@ def main(argv: list[str]) -> int:
         native = snapshot(Path(args.out), Path(args.snapshot), args.threshold)
         print(f"native checkpoint: {native}")
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise OnsightError(
+            f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU "
+            "(torch.cuda.is_available() is False); install a CUDA build of torch on a machine "
+            "with an NVIDIA GPU, or train with --device cpu"
+        )
     tcfg = config_from_args(args)
     # the fields the flags set away from their defaults: a plain --resume gives none of them
     bare = config_from_args(parse_args(["--out", args.out]))
