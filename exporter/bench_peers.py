@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +304,11 @@ def export_optimum(lm_dir: Path, out: Path) -> Path:
     """`ORTModelForCausalLM.from_pretrained(dir, export=True)`, saved for the next run."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    model = ORTModelForCausalLM.from_pretrained(lm_dir, export=True, use_cache=True)
+    with warnings.catch_warnings():
+        # optimum's TorchScript export warns about its own tracing (trace constants, the legacy
+        # exporter, advanced indexing): nothing a bench user can act on
+        warnings.filterwarnings("ignore", module=r"(torch\.onnx|transformers|optimum)(\.|$)")
+        model = ORTModelForCausalLM.from_pretrained(lm_dir, export=True, use_cache=True)
     model.save_pretrained(out)
     return out
 
