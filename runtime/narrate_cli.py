@@ -5,6 +5,8 @@ while it narrates (stdin, a FIFO another process writes, or a file: runtime/ques
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import threading
 
 from onsight.runtime.events import Event
@@ -13,15 +15,21 @@ from onsight.runtime.question_stream import Questions, check_questions, start_qu
 
 class EventOut:
     """Prints each event as a JSON line (flushed) and appends it to the transcript; one lock,
-    so lines from the narration and from the question reader never interleave."""
+    so lines from the narration and from the question reader never interleave. Lines carry
+    non-decreasing wall_times: an event stamped on one thread just before another thread's
+    event took the lock is printed with the later stamp (they differ by microseconds)."""
 
     def __init__(self, transcript=None):
         self.transcript = transcript
         self._lock = threading.Lock()
+        self._last = -math.inf
 
     def emit(self, event: Event) -> None:
-        line = event.to_json()
         with self._lock:
+            if event.wall_time < self._last:
+                event = dataclasses.replace(event, wall_time=self._last)
+            self._last = event.wall_time
+            line = event.to_json()
             print(line, flush=True)
             if self.transcript:
                 self.transcript.append(line)

@@ -177,3 +177,17 @@ def test_an_unreadable_questions_path_exits_2_before_any_output(tmp_path, capsys
     captured = capsys.readouterr()
     assert f"--questions {make(tmp_path)}: {problem}" in captured.err and "mkfifo" in captured.err
     assert captured.out == "" and not transcript.exists()
+
+
+def test_output_lines_carry_non_decreasing_wall_times(capsys):
+    """The narration and the question reader emit from two threads: an event stamped just
+    before the other thread's took the output lock goes out with the later stamp."""
+    from onsight.runtime.events import SourceEvent, WarningEvent
+    from onsight.runtime.narrate_cli import EventOut
+
+    out = EventOut()
+    out.emit(WarningEvent(message="later", wall_time=10.5))
+    out.emit(SourceEvent(status="opened", source="x", message="", wall_time=10.25))
+    out.emit(WarningEvent(message="after", wall_time=11.0))
+    times = [json.loads(line)["wall_time"] for line in capsys.readouterr().out.splitlines()]
+    assert times == [10.5, 10.5, 11.0]
