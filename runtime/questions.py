@@ -38,8 +38,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def check_question(
     question: object, encode: Callable[[str], list[int]], limit: int, max_new_tokens: int
 ) -> str:
-    """The question as ask() queues it (stripped; lone surrogates, e.g. from a command line's
-    non-UTF-8 bytes, become U+FFFD as they would in text read with errors="replace"). Raises
+    """The question as ask() queues it (stripped; lone surrogates, e.g. a command line's
+    non-UTF-8 bytes, become U+FFFD, one per undecodable byte). Raises
     OnsightError for one that is not a str, is empty, or is longer than `limit` tokens
     (`question_budget`)."""
     if not isinstance(question, str):

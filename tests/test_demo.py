@@ -185,10 +185,12 @@ def test_shipped_bundle_meets_its_quality_floor():
     report = evaluate(SHIPPED, streams=10, frames=40)
     assert report["narration"]["exact"]["f1"] >= SHIPPED_F1_FLOOR
     assert report["narration"]["kind"]["f1"] >= SHIPPED_KIND_F1_FLOOR
-    # the right-kind, wrong-text narrations are explained, and the table says so
+    # the right-kind, wrong-text narrations (if any: the shipped model makes very few on 10
+    # streams; tests/test_synthetic.py checks the explanations themselves) are explained,
+    # and the table says so
     known = {"object in view", "object not in view", "direction", "new colour", "wording"}
     reasons = [why for r in report["wrong_details"].values() for why in r]
-    assert reasons and all(set(why.split("+")) <= known for why in reasons)
+    assert all(set(why.split("+")) <= known for why in reasons)
     from onsight.exporter.demo.evaluate import markdown
 
     assert all(f"right kind, wrong text: {k}" in markdown(report) for k in report["wrong_details"])

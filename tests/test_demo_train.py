@@ -412,5 +412,19 @@ def test_a_short_training_run_on_cuda_lowers_the_loss_and_writes_a_cpu_checkpoin
     first = sum(r["lm"] + r["stream"] for r in log[:5])
     last = sum(r["lm"] + r["stream"] for r in log[-5:])
     assert last < 0.7 * first
-    model, _ = load_native(native)  # the checkpoint loads on a CPU-only reader
-    assert next(model.parameters()).device.type == "cpu"
+    assert load_native(native)[0].decoder.k == 2
+    # a machine without the GPU snapshots the CUDA run's train_state.pt (saved tensors carry
+    # their device; the run files are read onto the CPU)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    snap = tmp_path / "snap"
+    cmd = [sys.executable, "-m", "onsight.runtime.cli", "train-demo"]
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "run"), "--snapshot", str(snap)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (snap / "model.safetensors").is_file()

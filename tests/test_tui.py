@@ -1,5 +1,5 @@
 """`onsight run`: pilot tests with a scripted source and a fake engine, snapshots of the main
-screen at two sizes, and one end-to-end run of the real app inside tmux on a real video."""
+screen at two sizes, and one end-to-end run of the real app inside tmux on the demo video."""
 
 from __future__ import annotations
 
@@ -504,7 +504,7 @@ def _wait_pane(socket: str, done, timeout: float) -> str:
 
 
 def test_real_app_in_tmux_narrates_and_quits_with_0(run_bundle, tmp_path):
-    """The installed app, a real bundle, an H.264 file, a real terminal (tmux): narration
+    """The installed app, a real bundle, an mp4 file, a real terminal (tmux): narration
     shows up, a question typed into the box is answered, q exits 0, the transcript is kept.
     The file is the demo video (the world the shipped model narrates; on ../shared/videos'
     real footage it stays silent, as it should).
