@@ -14,22 +14,35 @@ from onsight.exporter.demo.train import TrainConfig, make_source, to_tensors
 from onsight.runtime.errors import OnsightError
 
 
-def _train_weights(out: Path, steps: int, resume: bool = False, extend_to: int | None = None):
+def _train_weights(
+    out: Path, steps: int, resume: bool = False, extend_to: int | None = None, **config
+):
     from safetensors.torch import load_file
 
     from onsight.exporter.demo.train import train
 
-    torch.set_num_threads(1)
-    tcfg = TrainConfig(seed=3, steps=steps, batch_size=2, num_frames=6, warmup=1)
+    tcfg = TrainConfig(seed=3, steps=steps, batch_size=2, num_frames=6, warmup=1, **config)
     native = train(out, tcfg, "cpu", resume=resume, minutes=None, extend_to=extend_to)
     return load_file(str(Path(native) / "model.safetensors"))
 
 
-def test_train_demo_reproduces_weights_from_the_seed_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """Training on one torch thread and on two (the shipped weights were trained on two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_train_demo_reproduces_weights_from_the_seed_and_resumes_exactly(
+    tmp_path, monkeypatch, torch_threads
+):
     from onsight.exporter.demo import train as train_mod
 
-    a = _train_weights(tmp_path / "a", 4)
-    b = _train_weights(tmp_path / "b", 4)
+    shipped = {"gate": "straight", "router_weight": 1.0}  # the shipped recipe's routing
+    a = _train_weights(tmp_path / "a", 4, **shipped)
+    b = _train_weights(tmp_path / "b", 4, **shipped)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     real, calls = train_mod.compute_loss, []
 
@@ -41,9 +54,9 @@ def test_train_demo_reproduces_weights_from_the_seed_and_resumes_exactly(tmp_pat
 
     monkeypatch.setattr(train_mod, "compute_loss", ctrl_c_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        _train_weights(tmp_path / "c", 4)
+        _train_weights(tmp_path / "c", 4, **shipped)
     monkeypatch.setattr(train_mod, "compute_loss", real)
-    c = _train_weights(tmp_path / "c", 4, resume=True)  # Ctrl-C lost nothing
+    c = _train_weights(tmp_path / "c", 4, resume=True, **shipped)  # Ctrl-C lost nothing
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
