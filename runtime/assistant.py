@@ -35,6 +35,7 @@ from onsight.runtime.events import (
 )
 from onsight.runtime.frames import Frame, check_image, check_timestamp
 from onsight.runtime.preprocess import letterbox
+from onsight.runtime.pruning import FrameFilter, pruning_supported
 from onsight.runtime.questions import (
     Asked,
     check_question,
@@ -101,30 +102,20 @@ class Assistant:
         self._released = False
         self._last_timestamp: float | None = None
         self._last_frame: Frame | None = None  # the last frame processed
-        self._last_embeds: np.ndarray | None = None
         self._processed = 0
-        self._skipped = 0
         self._captured = 0
         self._dropped = 0
         self._stage_ms: dict[str, float] = {}
         self._last_stats: StatsEvent | None = None  # as of the last frame done
         self._t0 = time.perf_counter()
-        self._pruned = 0
-        self._prune = self.config.prune_static_tokens and self._pruning_supported()
-
-    def _pruning_supported(self) -> bool:
-        from onsight.runtime.pruning import graph_accepts_pruned_frames
-
-        sessions = getattr(self.backend, "sessions", None)
-        if sessions is None:  # TensorRT plans are built with a frame-token range
-            return True
-        if graph_accepts_pruned_frames(sessions["frame_step"].get_inputs()):
-            return True
-        log.warning(
-            "this bundle's frame step takes exactly N tokens; re-export it to use "
-            "--prune-static (pruning is off)"
+        cfg = self.config
+        self._filter = FrameFilter(
+            self.bundle.layout.k,
+            cfg.skip_duplicate_frames,
+            cfg.duplicate_threshold,
+            cfg.prune_static_tokens and pruning_supported(self.backend),
+            cfg.prune_ratio,
         )
-        return False
 
     # ---- the three verbs ----
 
@@ -362,36 +353,11 @@ class Assistant:
         if self._closed and not self._inflight:
             self._release()
 
-    def _is_duplicate(self, embeds: np.ndarray) -> bool:
-        if (
-            not self.config.skip_duplicate_frames
-            or self._last_embeds is None
-            or self._loop.questions
-        ):
-            return False
-        a, b = embeds, self._last_embeds
-        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-6)
-        return float(cos.mean()) >= self.config.duplicate_threshold
-
     def _on_embeds(self, frame: Frame, embeds: np.ndarray) -> Iterator[Event]:
         with self._lock, self._working():
-            if self._is_duplicate(embeds):
-                self._skipped += 1
+            admitted, keep = self._filter.admit(embeds, self._processed, bool(self._loop.questions))
+            if not admitted:
                 return
-            keep = None
-            if self._prune:
-                from onsight.runtime.pruning import dycoke_keep
-
-                keep = dycoke_keep(
-                    embeds,
-                    self._last_embeds,
-                    self._processed,
-                    self.bundle.layout.k,
-                    self.config.prune_ratio,
-                )
-                if keep is not None:
-                    self._pruned += embeds.shape[0] - len(keep)
-            self._last_embeds = embeds
             self._stepper.decode_ms = 0.0
             with self._step(f"inference failed at frame {frame.index}"):
                 out: FrameOutcome = self._loop.on_frame(embeds, keep)
@@ -448,8 +414,8 @@ class Assistant:
             evictions=cache.evictions,
             fps_processed=round(self._processed / elapsed, 3),
             backend=self.backend.name,
-            tokens_pruned=self._pruned,
-            frames_skipped=self._skipped,
+            tokens_pruned=self._filter.pruned,
+            frames_skipped=self._filter.skipped,
         )
 
     def warn(self, message: str) -> WarningEvent:
@@ -477,7 +443,7 @@ class Assistant:
                 self._loop.sample,
                 questions=self._questions,  # questions asked and not yet answered stay
             )
-            self._last_embeds = None
+            self._filter.forget()
             self._last_timestamp = None
             self._last_frame = None
 

@@ -1,4 +1,5 @@
-"""Training-free savings on top of MoD (off by default): DyCoke-style temporal token pruning.
+"""Training-free savings on top of MoD (off by default): DyCoke-style temporal token pruning,
+and skipping near-duplicate frames.
 
 DyCoke (KD-TAO/DyCoke) takes frames in pairs: the first is kept whole, the second keeps only
 its (1 - K) N tokens least similar (cosine, same position) to the first, K = 0.7. In a static
@@ -8,11 +9,14 @@ at least k tokens so MoD's constant top-k still applies.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 from onsight.runtime.graph_io import FRAME_EMBEDS
+
+log = logging.getLogger(__name__)
 
 
 def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -41,3 +45,62 @@ def graph_accepts_pruned_frames(session_inputs) -> bool:
         if i.name == FRAME_EMBEDS:
             return isinstance(i.shape[0], str) or i.shape[0] is None
     return False
+
+
+def pruning_supported(backend) -> bool:
+    """Whether `backend`'s frame step takes a pruned frame (fewer than N tokens); says why not."""
+    sessions = getattr(backend, "sessions", None)
+    if sessions is None:  # TensorRT plans are built with a frame-token range
+        return True
+    if graph_accepts_pruned_frames(sessions["frame_step"].get_inputs()):
+        return True
+    log.warning(
+        "this bundle's frame step takes exactly N tokens; re-export it to use "
+        "--prune-static (pruning is off)"
+    )
+    return False
+
+
+class FrameFilter:
+    """What of each frame reaches the LLM: with `skip_duplicates`, none of a frame whose tokens
+    barely changed since the last frame that did (mean cosine >= `duplicate_threshold`; never
+    while questions wait, which need a frame to be answered at); with `prune`, DyCoke's
+    changed tokens of every second frame (`dycoke_keep`, at least k). Counts what it saved."""
+
+    def __init__(
+        self, k: int, skip_duplicates: bool, duplicate_threshold: float, prune: bool, ratio: float
+    ):
+        self.k, self.skip_duplicates, self.duplicate_threshold = (
+            k,
+            skip_duplicates,
+            duplicate_threshold,
+        )
+        self.prune, self.ratio = prune, ratio
+        self.last: np.ndarray | None = None  # the tokens of the last frame let through
+        self.skipped = 0  # frames skipped as duplicates
+        self.pruned = 0  # tokens pruned
+
+    def admit(
+        self, embeds: np.ndarray, frame_number: int, questions_waiting: bool
+    ) -> tuple[bool, np.ndarray | None]:
+        """(False, None) for a frame to skip; else (True, keep): the token indices to
+        prefill, or None for all. `frame_number`: frames let through before this one."""
+        if (
+            self.skip_duplicates
+            and self.last is not None
+            and not questions_waiting
+            and float(token_cosine(embeds, self.last).mean()) >= self.duplicate_threshold
+        ):
+            self.skipped += 1
+            return False, None
+        keep = None
+        if self.prune:
+            keep = dycoke_keep(embeds, self.last, frame_number, self.k, self.ratio)
+            if keep is not None:
+                self.pruned += embeds.shape[0] - len(keep)
+        self.last = embeds
+        return True, keep
+
+    def forget(self) -> None:
+        """A new stream: the next frame is compared with nothing."""
+        self.last = None

@@ -1,0 +1,48 @@
+"""FrameFilter: which frames and tokens reach the LLM when near-duplicate skipping and DyCoke
+pruning are on, and the refusal of pruning for a frame step with a fixed token count."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from onsight.runtime.graph_io import FRAME_EMBEDS
+from onsight.runtime.pruning import FrameFilter, pruning_supported
+
+RNG = np.random.default_rng(0)
+FRAME = RNG.normal(size=(10, 16)).astype(np.float32)
+
+
+def test_a_near_duplicate_frame_is_skipped_unless_questions_wait():
+    f = FrameFilter(2, skip_duplicates=True, duplicate_threshold=0.99, prune=False, ratio=0.7)
+    assert f.admit(FRAME, 0, questions_waiting=False) == (True, None)
+    assert f.admit(FRAME + 1e-4, 1, questions_waiting=False) == (False, None)
+    assert f.admit(FRAME, 1, questions_waiting=True) == (True, None)  # needs a frame to answer at
+    other = RNG.normal(size=FRAME.shape).astype(np.float32)
+    assert f.admit(other, 2, questions_waiting=False)[0]
+    assert (f.skipped, f.pruned) == (1, 0)
+    f.forget()  # a new stream: nothing to compare with
+    assert f.admit(other, 0, questions_waiting=False) == (True, None)
+
+
+def test_dycoke_keeps_the_changed_tokens_of_every_second_frame_and_counts_the_rest():
+    f = FrameFilter(2, skip_duplicates=False, duplicate_threshold=0.99, prune=True, ratio=0.7)
+    assert f.admit(FRAME, 0, False) == (True, None)  # the first of a pair is kept whole
+    changed = FRAME.copy()
+    changed[[3, 7, 8]] = RNG.normal(size=(3, 16))
+    admitted, keep = f.admit(changed, 1, False)
+    assert admitted and keep.tolist() == [3, 7, 8]  # (1 - 0.7) x 10 = 3 least similar
+    assert f.pruned == 7 and f.skipped == 0
+
+
+def test_pruning_is_refused_with_a_reason_for_a_frame_step_of_fixed_size(caplog):
+    def backend(n):
+        inputs = [SimpleNamespace(name=FRAME_EMBEDS, shape=[n, 16])]
+        session = SimpleNamespace(get_inputs=lambda: inputs)
+        return SimpleNamespace(sessions={"frame_step": session})
+
+    assert pruning_supported(backend("n_tokens")) and not caplog.records
+    assert not pruning_supported(backend(10))
+    assert "re-export it to use --prune-static" in caplog.text
+    assert pruning_supported(SimpleNamespace())  # TensorRT: plans take a frame-token range
