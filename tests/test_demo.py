@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -307,11 +308,26 @@ def test_ablation_table_runs_on_a_tiny_model(tiny_tokenizer, tmp_path):
 
     tok, vocab = tiny_tokenizer
     ckpt = save_native(make_tiny_model(vocab), tok, tmp_path / "ckpt")
+    counted: dict[str, list[int]] = {}  # variant -> [streams announced, streams done]
+
+    @contextlib.contextmanager
+    def stream_bar(name: str, streams: int):
+        counted[name] = [streams, 0]
+        yield lambda: counted[name].__setitem__(1, counted[name][1] + 1)
+
     report = run_ablations(
-        ckpt, twin=tmp_path / "no-twin", engine=None, streams=1, frames=6, threads=1
+        ckpt,
+        twin=tmp_path / "no-twin",
+        engine=None,
+        streams=2,
+        frames=6,
+        threads=1,
+        stream_bar=stream_bar,
     )
     rows = {r["role"]: r for r in report["rows"]}
     assert list(rows) == ["learned", "random", "uniform", "early_exit", "twin"]
+    # a progress bar per variant that ran, over its streams (the twin was not trained)
+    assert counted == {r["variant"]: [2, 2] for r in report["rows"] if r["status"] == "ok"}
     assert rows["twin"]["status"].startswith("not trained")
     for role in ("learned", "random", "uniform", "early_exit"):
         r = rows[role]

@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ from onsight.runtime.synthetic import Stream
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+# (variant name, streams) -> a context manager giving the per-stream callback (a progress bar)
+StreamBar = Callable[[str, int], AbstractContextManager[Callable[[], object]]]
 TARGET_F1_GAP = 0.02  # learned MoD within 2 F1 points of the full-compute twin
 TARGET_FLOPS_RATIO = 0.65  # at <= 0.65x the twin's vision-token FLOPs
 
@@ -223,6 +226,7 @@ def run_variant(
     threads: int | None,
     threshold: float | None,
     say: Progress,
+    stream_bar: StreamBar | None = None,
 ) -> dict[str, Any]:
     """Export one variant, narrate the streams through it, and score it."""
     row: dict[str, Any] = {"role": v.role, "variant": v.name}
@@ -242,8 +246,13 @@ def run_variant(
     dims = lm_dims(model)
     flops = vision_flops(dims, layout, sink, context_frames, learned)
     full = vision_flops(dims, full_compute_layout(layout), sink, context_frames)
-    say(f"{v.name}: narrating {len(data)} streams")
-    scores, _ = score_narrator(BundleNarrator(bundle, threads, threshold), data, window_s)
+    narrator = BundleNarrator(bundle, threads, threshold)
+    if stream_bar is None:
+        say(f"{v.name}: narrating {len(data)} streams")
+        scores, _ = score_narrator(narrator, data, window_s)
+    else:
+        with stream_bar(v.name, len(data)) as done_one:
+            scores, _ = score_narrator(narrator, data, window_s, on_stream=done_one)
     narr = scores["narration"]
     return {
         **row,
@@ -282,8 +291,10 @@ def run_ablations(
     threshold: float | None = None,
     bundles_dir: str | Path | None = None,
     progress: Progress | None = None,
+    stream_bar: StreamBar | None = None,
 ) -> dict[str, Any]:
-    """Every variant on the same held-out streams; the report behind `ablation_markdown`."""
+    """Every variant on the same held-out streams; the report behind `ablation_markdown`.
+    `progress` gets a line per step, `stream_bar` (if given) counts each variant's streams."""
     say = progress or (lambda msg: log.info("%s", msg))
     checkpoint = Path(checkpoint)
     model, tok = load_native(checkpoint)
@@ -304,7 +315,9 @@ def run_ablations(
     out_dir = Path(bundles_dir) if bundles_dir else tmp
     try:
         rows = [
-            run_variant(v, data, out_dir, window_s, context_frames, threads, threshold, say)
+            run_variant(
+                v, data, out_dir, window_s, context_frames, threads, threshold, say, stream_bar
+            )
             for v in variants
         ]
     finally:

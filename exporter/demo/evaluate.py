@@ -17,7 +17,8 @@ import argparse
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -475,6 +476,17 @@ def _out_problem(out: Path) -> str | None:
     return why_unwritable(out)
 
 
+@contextmanager
+def _stream_bar(name: str, streams: int) -> Iterator[Callable[[], object]]:
+    """A progress bar on stderr over one ablation variant's streams."""
+    import sys
+
+    from tqdm import tqdm
+
+    with tqdm(total=streams, desc=name, unit="stream", file=sys.stderr) as bar:
+        yield bar.update
+
+
 def main_ablations(args: argparse.Namespace) -> int:
     import sys
 
@@ -497,6 +509,7 @@ def main_ablations(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         bundles_dir=args.bundles,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        stream_bar=_stream_bar,
     )
     print(ablation_markdown(report))
     if args.out:
