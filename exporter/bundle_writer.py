@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,27 +83,33 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"--kv-capacity {opts.kv_capacity}: give a positive number of tokens")
 
 
-def check_out(out: str | Path) -> Path:
-    """Refuse an --out that exists or cannot be created (before minutes of loading)."""
+def check_out(out: str | Path, replace: bool = False) -> Path:
+    """Refuse an --out that exists (unless `replace` and it is a bundle) or cannot be created
+    (before minutes of loading)."""
     if not str(out).strip():
         raise ExportError("--out is empty; give a new bundle directory, e.g. engines/NAME")
     out = Path(out)
     if out.is_file():
         raise ExportError(f"--out {out} is a file; give a new bundle directory, e.g. engines/NAME")
-    if out.exists() or out.is_symlink():
-        raise ExportError(
-            f"output directory {out} already exists; choose another --out or delete it"
-        )
+    if replace and out.is_dir() and not out.is_symlink():
+        if not (out / "bundle.json").is_file():
+            raise ExportError(
+                f"--replace only replaces an onsight bundle, and {out} has no bundle.json; "
+                "choose another --out"
+            )
+    elif out.exists() or out.is_symlink():
+        hint = "" if replace else ", delete it, or pass --replace (if it is a bundle)"
+        raise ExportError(f"output directory {out} already exists; choose another --out{hint}")
     problem = why_unwritable(out)
     if problem:
         raise ExportError(f"cannot write {out}: {problem}; choose another --out")
     return out
 
 
-def check_export_args(out: str | Path, opts: ExportOptions) -> Path:
+def check_export_args(out: str | Path, opts: ExportOptions, replace: bool = False) -> Path:
     """Every check of `onsight export`'s flags that needs no model; returns `out` as a Path."""
     check_options(opts)
-    return check_out(out)
+    return check_out(out, replace)
 
 
 def apply_options(model: StreamingModel, opts: ExportOptions) -> StreamingModel:
@@ -311,10 +318,13 @@ def export_bundle(
     out: str | Path,
     opts: ExportOptions = ExportOptions(),
     progress: Progress | None = None,
+    replace: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Export, parity-check and atomically publish a bundle. Returns (path, manifest)."""
+    """Export, parity-check and atomically publish a bundle. Returns (path, manifest).
+    With `replace`, a bundle already at `out` is swapped for the new one once it passed parity
+    (until then it is untouched; a failed export leaves it as it was)."""
     say = progress or (lambda msg: log.info("%s", msg))
-    out = check_export_args(out, opts)
+    out = check_export_args(out, opts, replace)
     model = apply_options(model, opts)
     dtype = torch.float16 if opts.dtype == "fp16" else torch.float32
     limit = kv_capacity_limit(model)
@@ -377,7 +387,7 @@ def export_bundle(
         say("[3/4] writing bundle.json with checksums")
         write_manifest(tmp, manifest)
         say(f"[4/4] publishing {out}")
-        _publish(tmp, out)
+        _publish(tmp, out, replace)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(out, e) from e
@@ -393,8 +403,24 @@ def export_bundle(
     return out, manifest
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished staging directory onto `out`; refuse if `out` appeared meanwhile."""
+def _publish(tmp: Path, out: Path, replace: bool = False) -> None:
+    """Rename the finished staging directory onto `out`; refuse if `out` appeared meanwhile.
+    With `replace`, a bundle at `out` is first renamed aside, then removed once the new one is
+    in place (put back if that rename fails): `out` is missing only between two renames."""
+    if replace and (out / "bundle.json").is_file():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
+            os.replace(out, aside)  # onto an empty directory: rename() replaces it
+        except BaseException:
+            os.rmdir(aside)
+            raise
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(aside, out)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        return
     try:
         os.replace(tmp, out)
     except OSError as e:

@@ -85,7 +85,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     )
     if a.kv_capacity is not None:
         opts = dataclasses.replace(opts, kv_capacity=a.kv_capacity)
-    check_export_args(a.out, opts)  # before loading, which takes minutes for a big model
+    check_export_args(a.out, opts, a.replace)  # before loading: minutes for a big model
     print(f"loading {a.source} ...", file=sys.stderr)
     model, tok = load_checkpoint(
         a.source,
@@ -98,7 +98,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.kv_capacity is None:
         opts = dataclasses.replace(opts, kv_capacity=default_kv_capacity(model))
     out, manifest = export_bundle(
-        model, tok, a.out, opts, progress=lambda m: print(m, file=sys.stderr)
+        model, tok, a.out, opts, progress=lambda m: print(m, file=sys.stderr), replace=a.replace
     )
     from onsight.runtime.info import describe
 
@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         "source", help="onsight checkpoint dir, VideoLLM-online adapter dir, or HF LLM dir"
     )
     e.add_argument("--out", required=True, help="bundle directory to create, e.g. engines/NAME")
+    e.add_argument(
+        "--replace",
+        action="store_true",
+        help="--out may be an existing bundle: it is replaced once the new one passed parity "
+        "(a failed export leaves it untouched)",
+    )
     e.add_argument(
         "--format", default="auto", choices=["auto", "onsight", "videollm-online", "compose"]
     )

@@ -307,3 +307,31 @@ def test_interrupted_int8_rebuild_leaves_a_bundle_that_verifies(tiny_bundle, tmp
     assert main(argv) == 130
     m = load_bundle(b).manifest  # every listed checksum still matches its file
     assert "graph_overrides" not in m and "int8" not in m
+
+
+def test_replace_swaps_a_bundle_only_once_the_new_one_passed(ckpt, tmp_path, capsys, monkeypatch):
+    """--replace: a failed export leaves the old bundle as it was; a good one takes its place
+    and leaves nothing beside it; without --replace the error names it; a folder that is not
+    a bundle is never replaced."""
+    import onsight.exporter.bundle_writer as bw
+
+    out = tmp_path / "o"
+    assert _export(capsys, ckpt, "--out", out, "--fps", "2")[0] == 0
+    old = (out / "bundle.json").read_text()
+    rc, err = _export(capsys, ckpt, "--out", out, "--fps", "3")
+    assert rc == 2 and "already exists" in err and "pass --replace" in err
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(bw, "export_graphs", full)
+        rc, err = _export(capsys, ckpt, "--out", out, "--fps", "3", "--replace")
+    assert rc == 2 and "No space left on device" in err
+    assert (out / "bundle.json").read_text() == old
+    assert _export(capsys, ckpt, "--out", out, "--fps", "3", "--replace")[0] == 0
+    assert load_bundle(out).generation["fps"] == 3.0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")] == []
+    (tmp_path / "notes").mkdir()
+    rc, err = _export(capsys, ckpt, "--out", tmp_path / "notes", "--replace")
+    assert rc == 2 and "only replaces an onsight bundle" in err and "has no bundle.json" in err
