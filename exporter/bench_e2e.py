@@ -68,7 +68,6 @@ def run_e2e(a, video: Path, label: str, mode: str, max_frames: int) -> dict[str,
     a.reset()
     a.config = dataclasses.replace(a.config, skip_duplicate_frames=mode.endswith("+skip"))
     s0 = a.stats()
-    skipped0 = getattr(a, "_skipped", 0)
     src = open_source(str(video), fps=a.fps, realtime=mode.startswith("realtime"))
     t = time.perf_counter()
     for _ in a.narrate(src, max_frames=max_frames):
@@ -76,7 +75,7 @@ def run_e2e(a, video: Path, label: str, mode: str, max_frames: int) -> dict[str,
     wall = time.perf_counter() - t
     st, s1 = src.stats(), a.stats()
     processed = s1.frames_processed - s0.frames_processed
-    skipped = getattr(a, "_skipped", 0) - skipped0  # no public counter of skipped frames yet
+    skipped = s1.frames_skipped - s0.frames_skipped
     handled = processed + skipped
     return {"variant": label, "mode": mode, "video": video.name, "target_fps": a.fps,
             "wall_s": wall, "fps_processed": processed / wall, "fps_handled": handled / wall,

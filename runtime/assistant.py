@@ -108,13 +108,9 @@ class Assistant:
         self._stage_ms: dict[str, float] = {}
         self._last_stats: StatsEvent | None = None  # as of the last frame done
         self._t0 = time.perf_counter()
-        cfg = self.config
-        self._filter = FrameFilter(
+        self._filter = FrameFilter(  # reads self.config at each frame; pruning is fixed here
             self.bundle.layout.k,
-            cfg.skip_duplicate_frames,
-            cfg.duplicate_threshold,
-            cfg.prune_static_tokens and pruning_supported(self.backend),
-            cfg.prune_ratio,
+            self.config.prune_static_tokens and pruning_supported(self.backend),
         )
 
     # ---- the three verbs ----
@@ -355,7 +351,9 @@ class Assistant:
 
     def _on_embeds(self, frame: Frame, embeds: np.ndarray) -> Iterator[Event]:
         with self._lock, self._working():
-            admitted, keep = self._filter.admit(embeds, self._processed, bool(self._loop.questions))
+            admitted, keep = self._filter.admit(
+                embeds, self._processed, bool(self._loop.questions), self.config
+            )
             if not admitted:
                 return
             self._stepper.decode_ms = 0.0

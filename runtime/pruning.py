@@ -62,40 +62,37 @@ def pruning_supported(backend) -> bool:
 
 
 class FrameFilter:
-    """What of each frame reaches the LLM: with `skip_duplicates`, none of a frame whose tokens
-    barely changed since the last frame that did (mean cosine >= `duplicate_threshold`; never
-    while questions wait, which need a frame to be answered at); with `prune`, DyCoke's
-    changed tokens of every second frame (`dycoke_keep`, at least k). Counts what it saved."""
+    """What of each frame reaches the LLM. With `config.skip_duplicate_frames`, none of a frame
+    whose tokens barely changed since the last frame that did (mean cosine >=
+    `config.duplicate_threshold`; never while questions wait, which need a frame to be
+    answered at); with `prune` (fixed at start: the frame step must take pruned frames),
+    DyCoke's changed tokens of every second frame (`dycoke_keep` at `config.prune_ratio`, at
+    least k). The config is read at each frame, so a caller may switch skipping on and off.
+    Counts what it saved."""
 
-    def __init__(
-        self, k: int, skip_duplicates: bool, duplicate_threshold: float, prune: bool, ratio: float
-    ):
-        self.k, self.skip_duplicates, self.duplicate_threshold = (
-            k,
-            skip_duplicates,
-            duplicate_threshold,
-        )
-        self.prune, self.ratio = prune, ratio
+    def __init__(self, k: int, prune: bool):
+        self.k, self.prune = k, prune
         self.last: np.ndarray | None = None  # the tokens of the last frame let through
         self.skipped = 0  # frames skipped as duplicates
         self.pruned = 0  # tokens pruned
 
     def admit(
-        self, embeds: np.ndarray, frame_number: int, questions_waiting: bool
+        self, embeds: np.ndarray, frame_number: int, questions_waiting: bool, config
     ) -> tuple[bool, np.ndarray | None]:
         """(False, None) for a frame to skip; else (True, keep): the token indices to
-        prefill, or None for all. `frame_number`: frames let through before this one."""
+        prefill, or None for all. `frame_number`: frames let through before this one;
+        `config`: the AssistantConfig in force."""
         if (
-            self.skip_duplicates
+            config.skip_duplicate_frames
             and self.last is not None
             and not questions_waiting
-            and float(token_cosine(embeds, self.last).mean()) >= self.duplicate_threshold
+            and float(token_cosine(embeds, self.last).mean()) >= config.duplicate_threshold
         ):
             self.skipped += 1
             return False, None
         keep = None
         if self.prune:
-            keep = dycoke_keep(embeds, self.last, frame_number, self.k, self.ratio)
+            keep = dycoke_keep(embeds, self.last, frame_number, self.k, config.prune_ratio)
             if keep is not None:
                 self.pruned += embeds.shape[0] - len(keep)
         self.last = embeds
