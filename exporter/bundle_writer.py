@@ -91,7 +91,12 @@ def check_out(out: str | Path, replace: bool = False) -> Path:
     out = Path(out)
     if out.is_file():
         raise ExportError(f"--out {out} is a file; give a new bundle directory, e.g. engines/NAME")
-    if replace and out.is_dir() and not out.is_symlink():
+    if replace and out.is_symlink():
+        raise ExportError(
+            f"--replace does not replace a symlink ({out} -> {os.readlink(out)}); give the "
+            "bundle's own path as --out"
+        )
+    if replace and out.is_dir():
         if not (out / "bundle.json").is_file():
             raise ExportError(
                 f"--replace only replaces an onsight bundle, and {out} has no bundle.json; "
@@ -405,21 +410,9 @@ def export_bundle(
 
 def _publish(tmp: Path, out: Path, replace: bool = False) -> None:
     """Rename the finished staging directory onto `out`; refuse if `out` appeared meanwhile.
-    With `replace`, a bundle at `out` is first renamed aside, then removed once the new one is
-    in place (put back if that rename fails): `out` is missing only between two renames."""
-    if replace and (out / "bundle.json").is_file():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        try:
-            os.replace(out, aside)  # onto an empty directory: rename() replaces it
-        except BaseException:
-            os.rmdir(aside)
-            raise
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(aside, out)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
+    With `replace`, a bundle at `out` is swapped for it (`_swap`)."""
+    if replace and not out.is_symlink() and (out / "bundle.json").is_file():
+        _swap(tmp, out)
         return
     try:
         os.replace(tmp, out)
@@ -430,6 +423,44 @@ def _publish(tmp: Path, out: Path, replace: bool = False) -> None:
                 "the same --out?); this one was not published: choose another --out"
             ) from e
         raise
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Put the bundle in `tmp` where the bundle `out` is: `out` moves into a hidden sibling
+    folder, `tmp` is renamed onto `out`, the old bundle is deleted. `out` is missing only
+    between the two renames; if anything (an error, Ctrl-C) stops the swap there, the old
+    bundle is put back, and if it cannot be, the error says where it is."""
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = holder / out.name
+    try:
+        os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException as e:
+        if not tmp.exists():  # stopped just after the second rename: the new one is in place
+            _remove_old(holder, out)
+            raise
+        if old.exists():
+            try:
+                os.rename(old, out)
+            except OSError as again:
+                raise ExportError(
+                    f"cannot publish {out}: {again.strerror} (it was created again while this "
+                    "export replaced it: another export to the same --out?); the bundle that "
+                    f"was there is kept in {old}"
+                ) from e
+        shutil.rmtree(holder, ignore_errors=True)  # empty again
+        if isinstance(e, OSError):
+            raise ExportError(
+                f"cannot replace {out}: {e.strerror}; the bundle there is unchanged"
+            ) from e
+        raise
+    _remove_old(holder, out)
+
+
+def _remove_old(holder: Path, out: Path) -> None:
+    shutil.rmtree(holder, ignore_errors=True)
+    if holder.exists():
+        log.warning("replaced %s, but could not delete the old bundle in %s", out, holder)
 
 
 def _copy_to(model: StreamingModel, dtype: torch.dtype) -> StreamingModel:

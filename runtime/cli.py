@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--replace",
         action="store_true",
-        help="--out may be an existing bundle: it is replaced once the new one passed parity "
-        "(a failed export leaves it untouched)",
+        help="--out may be an existing bundle: it is replaced, with everything in it (plans "
+        "built by `onsight build` too), once the new one passed parity (a failed export "
+        "leaves it untouched)",
     )
     e.add_argument(
         "--format", default="auto", choices=["auto", "onsight", "videollm-online", "compose"]

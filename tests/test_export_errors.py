@@ -335,3 +335,78 @@ def test_replace_swaps_a_bundle_only_once_the_new_one_passed(ckpt, tmp_path, cap
     (tmp_path / "notes").mkdir()
     rc, err = _export(capsys, ckpt, "--out", tmp_path / "notes", "--replace")
     assert rc == 2 and "only replaces an onsight bundle" in err and "has no bundle.json" in err
+
+
+def _two_bundles(tmp_path: Path) -> tuple[Path, Path]:
+    out, new = tmp_path / "o", tmp_path / ".o.partial-x"
+    for d, text in ((out, "old"), (new, "new")):
+        d.mkdir()
+        (d / "bundle.json").write_text(text)
+    return new, out
+
+
+def _siblings(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("stop", [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt()])
+def test_a_swap_stopped_between_its_renames_puts_the_old_bundle_back(tmp_path, monkeypatch, stop):
+    import os
+
+    from onsight.exporter import bundle_writer as bw
+    from onsight.runtime.errors import ExportError
+
+    new, out = _two_bundles(tmp_path)
+    real, calls = os.rename, []
+
+    def second_fails(a, b):
+        calls.append(1)
+        if len(calls) == 2:
+            raise stop
+        return real(a, b)
+
+    monkeypatch.setattr(bw.os, "rename", second_fails)
+    expected = ExportError if isinstance(stop, OSError) else KeyboardInterrupt
+    with pytest.raises(expected) as e:
+        bw._swap(new, out)
+    if expected is ExportError:
+        assert "cannot replace" in str(e.value) and "the bundle there is unchanged" in str(e.value)
+    assert (out / "bundle.json").read_text() == "old"
+    assert _siblings(tmp_path) == [".o.partial-x", "o"]  # the staging dir is the caller's
+
+
+def test_a_swap_that_cannot_put_the_old_bundle_back_says_where_it_is(tmp_path, monkeypatch):
+    import os
+
+    from onsight.exporter import bundle_writer as bw
+    from onsight.runtime.errors import ExportError
+
+    new, out = _two_bundles(tmp_path)
+    real, calls = os.rename, []
+
+    def another_export_wins(a, b):
+        calls.append(1)
+        if len(calls) == 2:  # another export publishes `out` between the two renames
+            os.mkdir(out)
+            (out / "bundle.json").write_text("theirs")
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        return real(a, b)
+
+    monkeypatch.setattr(bw.os, "rename", another_export_wins)
+    with pytest.raises(ExportError, match="kept in") as e:
+        bw._swap(new, out)
+    kept = Path(str(e.value).rsplit("kept in ", 1)[1])
+    assert (kept / "bundle.json").read_text() == "old"
+    assert (out / "bundle.json").read_text() == "theirs"
+
+
+def test_replace_refuses_a_symlink_and_says_to_give_the_real_path(tmp_path):
+    from onsight.exporter.bundle_writer import check_out
+    from onsight.runtime.errors import ExportError
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "bundle.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ExportError, match="does not replace a symlink.*own path"):
+        check_out(tmp_path / "link", replace=True)
+    assert check_out(tmp_path / "real", replace=True) == tmp_path / "real"

@@ -229,7 +229,7 @@ def score_narrator(
     narrator: BundleNarrator,
     data: Sequence[Stream],
     window_s: float,
-    on_stream: Callable[[], None] | None = None,
+    on_stream: Callable[[], object] | None = None,
 ) -> tuple[dict[str, object], list[StreamResult]]:
     """Narrate every stream through the bundle; event scores and question accuracy.
     `on_stream` is called after each stream (a progress bar's update)."""
@@ -272,7 +272,7 @@ def evaluate(
     threads: int | None = None,
     threshold: float | None = None,
     qdq: bool = False,
-    on_stream: Callable[[], None] | None = None,
+    on_stream: Callable[[], object] | None = None,
     mover_questions: float = 0.0,
     onset_questions: float = 0.0,
 ) -> dict[str, object]:
