@@ -478,7 +478,7 @@ def _out_problem(out: Path) -> str | None:
 
 @contextmanager
 def _stream_bar(name: str, streams: int) -> Iterator[Callable[[], object]]:
-    """A progress bar on stderr over one ablation variant's streams."""
+    """A progress bar on stderr over `streams` streams (an eval, or one ablation variant)."""
     import sys
 
     from tqdm import tqdm
@@ -538,11 +538,7 @@ def main(argv: list[str]) -> int:
     if args.ablations:  # exports from --checkpoint; --engine only sets the cache size
         return main_ablations(args)
     check_demo_bundle(args.engine)
-    import sys
-
-    from tqdm import tqdm
-
-    with tqdm(total=args.streams, desc="eval", unit="stream", file=sys.stderr) as bar:
+    with _stream_bar("eval", args.streams) as done_one:
         report = evaluate(
             args.engine,
             args.streams,
@@ -554,7 +550,7 @@ def main(argv: list[str]) -> int:
             args.threads,
             args.threshold,
             args.qdq,
-            on_stream=bar.update,
+            on_stream=done_one,
             mover_questions=args.mover_questions,
             onset_questions=args.onset_questions,
         )
